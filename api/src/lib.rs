@@ -1,0 +1,18 @@
+//! Wire types shared by the plugin, the node agent and ztunnel.
+//!
+//! Kept apart so the short-lived plugin links only these types, never the agent.
+
+/// ZDS, the agent <-> ztunnel protocol (package `istio.workload.zds`).
+pub mod zds {
+    #![allow(missing_docs, clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/istio.workload.zds.rs"));
+
+    /// Largest ZDS message either side accepts (one message per packet).
+    pub const MAX_MESSAGE_LEN: usize = 1024;
+}
+
+/// The plugin <-> agent protocol (package `ambient_cni.plugin.v1`).
+pub mod plugin {
+    #![allow(missing_docs, clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/ambient_cni.plugin.v1.rs"));
+}

@@ -1,0 +1,1 @@
+//! The installer: plugin binary copy and CNI conflist chaining with repair.

@@ -1,0 +1,3 @@
+//! In-pod redirection rules: pure generation and the iptables / nftables backends.
+
+pub mod netns;
