@@ -1,0 +1,1 @@
+//! Subcommands of `ambient-cni-agent` that are more than wiring.

@@ -1,0 +1,1 @@
+//! Finding pods' network namespaces without a CNI event (the /proc scan).

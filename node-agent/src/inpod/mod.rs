@@ -1,0 +1,3 @@
+//! In-pod mode: netns handling, the ZDS server for ztunnel, and its state.
+
+pub mod zds;

@@ -1,0 +1,1 @@
+//! ZDS: the server ztunnel connects to (SOCK_SEQPACKET, protobuf, netns fd via SCM_RIGHTS).
