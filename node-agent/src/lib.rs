@@ -1,5 +1,22 @@
 //! The ambient-cni node agent: enrols pods into the ambient mesh and hands them to ztunnel.
 
+pub mod cli;
 pub mod cmd;
 pub mod discovery;
 pub mod inpod;
+pub mod logging;
+pub mod plugin_server;
+pub mod run;
+
+use cli::{Cli, Command};
+
+/// Runs one parsed command line.
+pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Redirect(args) => cmd::redirect::run(args),
+        Command::Status | Command::Doctor { .. } | Command::Demo => {
+            anyhow::bail!("not yet: this subcommand lands with a later release")
+        }
+    }
+}

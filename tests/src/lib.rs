@@ -1,1 +1,340 @@
-//! Helpers for the cross-crate integration tests.
+//! Helpers for the cross-crate integration tests: locating the built binaries,
+//! named netns "pods" that clean themselves up, running CNI plugins exactly as a
+//! runtime does (libcni's conflist semantics), and agent processes.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+pub mod cni;
+
+/// Where Debian's `containernetworking-plugins` puts the reference plugins.
+pub const DEBIAN_CNI_DIR: &str = "/usr/lib/cni";
+
+/// True when running as root; otherwise prints why the test is skipped, and
+/// panics when `CI` is set (CI runs as root, so a skip there is a failure).
+pub fn require_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: needs root, and CI is set (CI runs as root)"
+    );
+    eprintln!("skipped {test}: needs root (network namespaces, bridges, iptables)");
+    false
+}
+
+/// A unique short suffix for names of host objects (netns, bridges) of this test run.
+pub fn unique(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    // Interface names are limited to 15 bytes: keep pid and counter short.
+    format!("{prefix}{:x}{n:x}", std::process::id() % 0xffff)
+}
+
+/// The directory holding the workspace's built binaries (`target/<profile>`).
+pub fn target_dir() -> PathBuf {
+    // Test executables live in target/<profile>/deps/.
+    let exe = std::env::current_exe().unwrap_or_default();
+    exe.parent()
+        .and_then(Path::parent)
+        .map(Path::to_owned)
+        .unwrap_or_else(|| PathBuf::from("target/debug"))
+}
+
+fn binary(env: &str, name: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        return PathBuf::from(p);
+    }
+    let p = target_dir().join(name);
+    assert!(
+        p.exists(),
+        "{} not found: build it first (`cargo build --workspace --bins`, as scripts/test.sh does) or set {env}",
+        p.display()
+    );
+    p
+}
+
+/// The plugin under test (`AMBIENT_CNI_PLUGIN`, else the workspace build).
+pub fn plugin_bin() -> PathBuf {
+    binary("AMBIENT_CNI_PLUGIN", "ambient-cni")
+}
+
+/// The agent under test (`AMBIENT_CNI_AGENT`, else the workspace build).
+pub fn agent_bin() -> PathBuf {
+    binary("AMBIENT_CNI_AGENT", "ambient-cni-agent")
+}
+
+/// The ztunnel stand-in (`ZTUNNEL_STANDIN`, else the workspace build).
+pub fn standin_bin() -> PathBuf {
+    binary("ZTUNNEL_STANDIN", "ztunnel-standin")
+}
+
+/// Runs `ip` with arguments (never a shell); panics with its stderr on failure.
+pub fn ip(args: &[&str]) {
+    let out = Command::new("ip").args(args).output().expect("exec ip");
+    assert!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A named network namespace (`ip netns add`), deleted on drop.
+#[derive(Debug)]
+pub struct NamedNetns {
+    name: String,
+}
+
+impl NamedNetns {
+    /// Creates `acni<unique>` with loopback up.
+    pub fn new() -> Self {
+        let name = unique("acni");
+        ip(&["netns", "add", &name]);
+        ip(&["-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+
+    /// The netns name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its path, as a runtime passes it in `CNI_NETNS`.
+    pub fn path(&self) -> String {
+        format!("/var/run/netns/{}", self.name)
+    }
+
+    /// Runs a command inside the netns (argv, no shell) and returns stdout.
+    pub fn exec(&self, argv: &[&str]) -> std::process::Output {
+        let mut args = vec!["netns", "exec", &self.name];
+        args.extend_from_slice(argv);
+        Command::new("ip").args(&args).output().expect("exec ip netns exec")
+    }
+}
+
+impl Default for NamedNetns {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NamedNetns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .status();
+    }
+}
+
+/// A host link (e.g. a bridge made by the bridge plugin), deleted on drop.
+#[derive(Debug)]
+pub struct HostLink(pub String);
+
+impl Drop for HostLink {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["link", "delete", &self.0])
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// A temporary directory removed on drop.
+#[derive(Debug)]
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates `/tmp/<prefix><unique>`.
+    pub fn new(prefix: &str) -> Self {
+        let p = std::env::temp_dir().join(unique(prefix));
+        std::fs::create_dir_all(&p).expect("create temp dir");
+        Self(p)
+    }
+
+    /// A path inside.
+    pub fn join(&self, p: &str) -> PathBuf {
+        self.0.join(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// What one plugin exec printed and returned.
+#[derive(Debug, Clone)]
+pub struct Exec {
+    /// stdout.
+    pub stdout: String,
+    /// stderr.
+    pub stderr: String,
+    /// Exit code (-1 if killed).
+    pub code: i32,
+    /// Wall time of the exec.
+    pub elapsed: Duration,
+}
+
+impl Exec {
+    /// stdout parsed as JSON (panics with the text if it is not).
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("stdout is not JSON ({e}): {:?}", self.stdout))
+    }
+
+    /// Asserts the spec's error JSON with `code` is all that was printed, and exit 1.
+    pub fn assert_error(&self, code: u64) -> Value {
+        assert_eq!(self.code, 1, "exit code; stdout={} stderr={}", self.stdout, self.stderr);
+        let v = self.json();
+        assert_eq!(v["code"], code, "error code; got {v}");
+        assert!(v["msg"].as_str().is_some_and(|m| !m.is_empty()), "msg: {v}");
+        assert!(v["cniVersion"].is_string(), "cniVersion: {v}");
+        let keys: Vec<_> = v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+        for k in &keys {
+            assert!(["cniVersion", "code", "msg", "details"].contains(&k.as_str()), "extra key {k} in {v}");
+        }
+        v
+    }
+}
+
+/// Execs a CNI plugin binary with `env` and `stdin`, as libcni does; killed after `limit`.
+pub fn exec_plugin(bin: &Path, env: &[(&str, &str)], stdin: &[u8], limit: Duration) -> Exec {
+    let start = Instant::now();
+    let mut child = Command::new(bin)
+        .env_clear()
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+        .envs(env.iter().copied())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+    let mut input = child.stdin.take().expect("stdin");
+    let data = stdin.to_vec();
+    // A writer thread: a plugin that stops reading must not block the test.
+    let writer = std::thread::spawn(move || {
+        let _ = input.write_all(&data);
+    });
+    let status = wait_limited(&mut child, limit);
+    let _ = writer.join();
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    if let Some(mut o) = child.stdout.take() {
+        let _ = o.read_to_string(&mut stdout);
+    }
+    if let Some(mut e) = child.stderr.take() {
+        let _ = e.read_to_string(&mut stderr);
+    }
+    Exec {
+        stdout,
+        stderr,
+        code: status,
+        elapsed: start.elapsed(),
+    }
+}
+
+/// Waits for a child at most `limit`, killing it after; returns its exit code or -1.
+pub fn wait_limited(child: &mut Child, limit: Duration) -> i32 {
+    let deadline = Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) => return st.code().unwrap_or(-1),
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
+            _ => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return -1;
+            }
+        }
+    }
+}
+
+/// Polls `cond` every 10 ms until it holds or `limit` passes.
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+/// A running `ambient-cni-agent run`, killed (SIGKILL) on drop.
+#[derive(Debug)]
+pub struct AgentProcess {
+    child: Child,
+    /// The plugin socket it serves.
+    pub socket: PathBuf,
+    log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts the agent with `args` after `run`, serving `socket`; waits until the socket exists.
+    pub fn start(socket: &Path, log: &Path, extra: &[&str]) -> Self {
+        let logf = std::fs::File::create(log).expect("agent log");
+        let mut cmd = Command::new(agent_bin());
+        cmd.arg("run")
+            .arg("--plugin-socket")
+            .arg(socket)
+            .args(extra)
+            .env("NODE_NAME", "test-node")
+            .stdout(logf.try_clone().expect("log fd"))
+            .stderr(logf);
+        let child = cmd.spawn().expect("spawn agent");
+        let me = Self {
+            child,
+            socket: socket.to_owned(),
+            log: log.to_owned(),
+        };
+        assert!(
+            wait_for(Duration::from_secs(10), || socket.exists()),
+            "agent did not create {}; log:\n{}",
+            socket.display(),
+            me.log_text()
+        );
+        me
+    }
+
+    /// The agent's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// What the agent logged so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILLs the agent and waits for it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The plugin's conflist entry for tests.
+pub fn plugin_entry(socket: &Path, timeout_ms: u64) -> Value {
+    json!({
+        "type": "ambient-cni",
+        "name": "ambient-cni",
+        "agent_socket": socket,
+        "timeout_ms": timeout_ms,
+        "log_level": "debug",
+    })
+}

@@ -1,1 +1,21 @@
 //! ZDS: the server ztunnel connects to (SOCK_SEQPACKET, protobuf, netns fd via SCM_RIGHTS).
+//!
+//! Wire-compatible with stock ztunnel (istio-reference §3): one message per
+//! packet, at most 1024 bytes, the netns fd only on `AddWorkload`, strict
+//! request/ack lock-step per connection.
+
+pub mod config;
+pub mod connection;
+pub mod error;
+pub mod listener;
+pub mod message;
+pub mod packet;
+pub mod server;
+pub mod snapshot;
+
+pub use config::ZdsConfig;
+pub use connection::SnapshotStats;
+pub use error::ZdsError;
+pub use listener::DEFAULT_ZDS_SOCKET;
+pub use server::ZdsServer;
+pub use snapshot::{SnapshotEntry, SnapshotSource};

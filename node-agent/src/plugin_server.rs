@@ -1,0 +1,191 @@
+//! The plugin socket: gRPC (`ambient_cni.plugin.v1`) over a root-only Unix socket.
+//!
+//! The socket file is 0600 and every accepted peer's uid is checked with
+//! `SO_PEERCRED`, so only root on this node can ask for a pod to be captured.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use ambient_cni_api::plugin as pb;
+use ambient_cni_api::plugin::plugin_server::{Plugin, PluginServer};
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+/// What the agent does with plugin requests (the enrolment pipeline implements it).
+#[tonic::async_trait]
+pub trait PodHandler: Send + Sync + 'static {
+    /// ADD: capture the pod or say it is not in the mesh.
+    async fn add(&self, req: pb::AddRequest) -> Result<pb::Decision, Status>;
+    /// DEL: forget the sandbox (best effort).
+    async fn del(&self, req: pb::DelRequest) -> Result<(), Status>;
+    /// CHECK: is the pod's redirection in place?
+    async fn check(&self, req: pb::CheckRequest) -> Result<pb::CheckResponse, Status>;
+    /// STATUS: ready to capture pods?
+    fn ready(&self) -> (bool, String);
+    /// GC: the runtime's valid attachments.
+    async fn gc(&self, req: pb::GcRequest) -> Result<(), Status>;
+}
+
+/// The handler before any pod source exists: nothing is in the mesh.
+#[derive(Debug, Default)]
+pub struct NotInMesh;
+
+#[tonic::async_trait]
+impl PodHandler for NotInMesh {
+    async fn add(&self, _: pb::AddRequest) -> Result<pb::Decision, Status> {
+        Ok(pb::Decision::NotInMesh)
+    }
+    async fn del(&self, _: pb::DelRequest) -> Result<(), Status> {
+        Ok(())
+    }
+    async fn check(&self, _: pb::CheckRequest) -> Result<pb::CheckResponse, Status> {
+        Ok(pb::CheckResponse {
+            ok: true,
+            message: String::new(),
+        })
+    }
+    fn ready(&self) -> (bool, String) {
+        (true, String::new())
+    }
+    async fn gc(&self, _: pb::GcRequest) -> Result<(), Status> {
+        Ok(())
+    }
+}
+
+/// Refuses requests of a protocol version we do not speak.
+fn check_version(v: i32) -> Result<(), Status> {
+    if v == pb::ProtocolVersion::ProtocolVersion1 as i32 {
+        Ok(())
+    } else {
+        Err(Status::failed_precondition(format!(
+            "plugin protocol version {v} not supported by this agent (speaks 1): \
+             the plugin binary and the agent are from different releases"
+        )))
+    }
+}
+
+struct Service<H> {
+    handler: Arc<H>,
+}
+
+#[tonic::async_trait]
+impl<H: PodHandler> Plugin for Service<H> {
+    async fn add(&self, req: Request<pb::AddRequest>) -> Result<Response<pb::AddResponse>, Status> {
+        let req = req.into_inner();
+        check_version(req.protocol_version)?;
+        let decision = self.handler.add(req).await?;
+        Ok(Response::new(pb::AddResponse {
+            decision: decision as i32,
+            message: String::new(),
+        }))
+    }
+
+    async fn del(&self, req: Request<pb::DelRequest>) -> Result<Response<pb::DelResponse>, Status> {
+        let req = req.into_inner();
+        check_version(req.protocol_version)?;
+        self.handler.del(req).await?;
+        Ok(Response::new(pb::DelResponse {}))
+    }
+
+    async fn check(
+        &self,
+        req: Request<pb::CheckRequest>,
+    ) -> Result<Response<pb::CheckResponse>, Status> {
+        let req = req.into_inner();
+        check_version(req.protocol_version)?;
+        Ok(Response::new(self.handler.check(req).await?))
+    }
+
+    async fn status(
+        &self,
+        req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        check_version(req.into_inner().protocol_version)?;
+        let (ready, message) = self.handler.ready();
+        Ok(Response::new(pb::StatusResponse { ready, message }))
+    }
+
+    async fn gc(&self, req: Request<pb::GcRequest>) -> Result<Response<pb::GcResponse>, Status> {
+        let req = req.into_inner();
+        check_version(req.protocol_version)?;
+        self.handler.gc(req).await?;
+        Ok(Response::new(pb::GcResponse {}))
+    }
+}
+
+/// Errors setting up the plugin socket; each names the path.
+#[derive(Debug, thiserror::Error)]
+pub enum SocketError {
+    /// Creating the directory, binding or chmod failed.
+    #[error("plugin socket {path}: {what}: {source}")]
+    Io {
+        /// The socket path.
+        path: PathBuf,
+        /// The step that failed.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Binds the plugin socket: parent dir 0750, stale file removed, socket 0600.
+pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
+    let io = |what: &'static str| {
+        let path = path.to_owned();
+        move |source| SocketError::Io { path, what, source }
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(io("create directory"))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
+            .map_err(io("chmod directory"))?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io("remove stale socket")(e)),
+    }
+    // Bind under a tight umask so the socket is never briefly world-connectable.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let listener = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = listener.map_err(io("bind"))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(io("chmod socket"))?;
+    Ok(listener)
+}
+
+/// Serves plugin requests until `shutdown` resolves; peers whose uid is not `allowed_uid` are dropped.
+pub async fn serve<H: PodHandler>(
+    listener: UnixListener,
+    handler: Arc<H>,
+    allowed_uid: u32,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    let incoming = UnixListenerStream::new(listener).filter(move |conn| match conn {
+        Ok(stream) => match stream.peer_cred() {
+            Ok(cred) if cred.uid() == allowed_uid => true,
+            Ok(cred) => {
+                warn!(
+                    uid = cred.uid(),
+                    pid = cred.pid(),
+                    "plugin socket: refused peer with a foreign uid"
+                );
+                false
+            }
+            Err(e) => {
+                warn!(error = %e, "plugin socket: cannot read peer credentials; refused");
+                false
+            }
+        },
+        Err(_) => true,
+    });
+    info!("plugin socket serving");
+    tonic::transport::Server::builder()
+        .add_service(PluginServer::new(Service { handler }))
+        .serve_with_incoming_shutdown(incoming, shutdown)
+        .await
+}

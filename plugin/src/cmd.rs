@@ -1,0 +1,323 @@
+//! The CNI commands: parse, decide, ask the agent, answer.
+
+use std::os::unix::fs::FileTypeExt;
+use std::path::Path;
+
+use ambient_cni_api::plugin as pb;
+use serde_json::Value;
+
+use crate::agent::{Agent, AgentError};
+use crate::conf::{LogLevel, NetConf};
+use crate::decide::pass_through;
+use crate::env::{parse_args, CniEnv, Command, PodArgs};
+use crate::error::*;
+use crate::log::Log;
+use crate::result::CniResult;
+use crate::version::{version_info, SpecVersion};
+
+/// What the plugin prints: the result on success (maybe nothing), or an error.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    /// Text for stdout.
+    pub stdout: String,
+    /// Process exit code (0 or 1).
+    pub exit_code: i32,
+}
+
+/// Runs one invocation; `agent` is built lazily from the conf, so pass-through never dials.
+pub fn run<A, F>(env: &CniEnv, stdin: &[u8], make_agent: F) -> Outcome
+where
+    A: Agent,
+    F: FnOnce(&NetConf) -> A,
+{
+    match dispatch(env, stdin, make_agent) {
+        Ok(stdout) => Outcome {
+            stdout,
+            exit_code: 0,
+        },
+        Err(e) => {
+            // The error speaks the conf's version when it has a usable one.
+            let version = crate::conf::sniff_version(stdin)
+                .filter(|v| SpecVersion::parse(v).is_ok())
+                .unwrap_or_else(|| crate::version::IMPLEMENTED.to_owned());
+            Outcome {
+                stdout: e.to_json(&version),
+                exit_code: 1,
+            }
+        }
+    }
+}
+
+fn dispatch<A, F>(env: &CniEnv, stdin: &[u8], make_agent: F) -> Result<String, CniError>
+where
+    A: Agent,
+    F: FnOnce(&NetConf) -> A,
+{
+    let cmd = Command::parse(env.command.as_deref())?;
+    if cmd == Command::Version {
+        return Ok(version_info());
+    }
+    let conf = NetConf::parse(stdin)?;
+    let min = match cmd {
+        Command::Check => Some(SpecVersion::V040),
+        Command::Status | Command::Gc => Some(SpecVersion::V110),
+        _ => None,
+    };
+    if let Some(min) = min.filter(|m| conf.version < *m) {
+        return Err(CniError::new(
+            INCOMPATIBLE_VERSION,
+            format!(
+                "cniVersion {} does not support {cmd:?} (needs {} or later)",
+                conf.version.as_str(),
+                min.as_str()
+            ),
+        ));
+    }
+    env.require(cmd)?;
+    let pod = parse_args(env.args.as_deref())?;
+    let log = Log::new(conf.log_level);
+    match cmd {
+        Command::Add => add(env, &conf, &pod, &log, make_agent),
+        Command::Del => Ok(del(env, &conf, &pod, &log, make_agent)),
+        Command::Check => check(env, &conf, &pod, make_agent),
+        Command::Status => status(&conf, make_agent),
+        Command::Gc => gc(&conf, make_agent),
+        Command::Version => Ok(version_info()),
+    }
+}
+
+fn attachment(env: &CniEnv) -> pb::Attachment {
+    pb::Attachment {
+        container_id: env.container_id.clone().unwrap_or_default(),
+        ifname: env.ifname.clone().unwrap_or_default(),
+    }
+}
+
+fn pod_ref(pod: &PodArgs) -> pb::PodRef {
+    pb::PodRef {
+        namespace: pod.namespace.clone().unwrap_or_default(),
+        name: pod.name.clone().unwrap_or_default(),
+        uid: pod.uid.clone().unwrap_or_default(),
+        infra_container_id: pod.infra_container_id.clone().unwrap_or_default(),
+    }
+}
+
+fn version() -> i32 {
+    pb::ProtocolVersion::ProtocolVersion1 as i32
+}
+
+/// `prevResult` decoded; required from 0.4.0 on.
+fn prev_result(conf: &NetConf) -> Result<CniResult, CniError> {
+    match &conf.prev_result {
+        Some(v) => CniResult::decode(v),
+        None if conf.version < SpecVersion::V040 => Ok(CniResult::empty()),
+        None => Err(CniError::new(
+            INVALID_CONFIG,
+            "prevResult is required: ambient-cni must be chained after an interface plugin",
+        )),
+    }
+}
+
+/// `CNI_NETNS` must name a network namespace (an nsfs file) on ADD/CHECK.
+fn check_netns(path: &str) -> Result<(), CniError> {
+    let md = std::fs::metadata(Path::new(path)).map_err(|e| {
+        CniError::new(INVALID_ENV, format!("CNI_NETNS {path}: {e}"))
+    })?;
+    // nsfs files are neither directories nor sockets; a regular file or dir is a mistake.
+    let ft = md.file_type();
+    if ft.is_dir() || ft.is_socket() || ft.is_fifo() {
+        return Err(CniError::new(
+            INVALID_ENV,
+            format!("CNI_NETNS {path}: not a network namespace"),
+        ));
+    }
+    let st = nix_statfs(path)?;
+    if st != NSFS_MAGIC {
+        return Err(CniError::new(
+            INVALID_ENV,
+            format!("CNI_NETNS {path}: not a network namespace (not nsfs)"),
+        ));
+    }
+    Ok(())
+}
+
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+
+fn nix_statfs(path: &str) -> Result<i64, CniError> {
+    let c = std::ffi::CString::new(path)
+        .map_err(|_| CniError::new(INVALID_ENV, "CNI_NETNS contains a NUL byte"))?;
+    let mut buf = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: `c` is a valid C string and `buf` has room for a `struct statfs`.
+    let rc = unsafe { libc::statfs(c.as_ptr(), buf.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(CniError::new(
+            INVALID_ENV,
+            format!("CNI_NETNS {path}: {}", std::io::Error::last_os_error()),
+        ));
+    }
+    // SAFETY: statfs returned 0, so it filled the struct.
+    Ok(unsafe { buf.assume_init() }.f_type as i64)
+}
+
+fn agent_error(e: AgentError) -> CniError {
+    let code = match e {
+        AgentError::Unavailable(_) | AgentError::Timeout(_) => TRY_AGAIN_LATER,
+        AgentError::Refused(_) => AGENT_REFUSED,
+        AgentError::Protocol(_) => AGENT_PROTOCOL,
+    };
+    CniError::new(code, e.to_string())
+}
+
+fn add<A, F>(
+    env: &CniEnv,
+    conf: &NetConf,
+    pod: &PodArgs,
+    log: &Log,
+    make_agent: F,
+) -> Result<String, CniError>
+where
+    A: Agent,
+    F: FnOnce(&NetConf) -> A,
+{
+    let prev = prev_result(conf)?;
+    let netns = env.netns.as_deref().unwrap_or_default();
+    check_netns(netns)?;
+    let output = prev.convert(conf.version).to_string();
+    if let Some(reason) = pass_through(conf, pod) {
+        log.log(
+            LogLevel::Debug,
+            "pass-through",
+            &[("reason", &format!("{reason:?}"))],
+        );
+        return Ok(output);
+    }
+    let req = pb::AddRequest {
+        protocol_version: version(),
+        attachment: Some(attachment(env)),
+        netns: netns.to_owned(),
+        pod: Some(pod_ref(pod)),
+        ips: prev.ips(),
+    };
+    let resp = make_agent(conf).add(req).map_err(|e| {
+        let err = agent_error(e);
+        log.log(
+            LogLevel::Error,
+            "ADD failed",
+            &[
+                ("namespace", pod.namespace.as_deref().unwrap_or("")),
+                ("pod", pod.name.as_deref().unwrap_or("")),
+                ("error", &err.msg),
+            ],
+        );
+        err
+    })?;
+    match pb::Decision::try_from(resp.decision) {
+        Ok(pb::Decision::Captured) | Ok(pb::Decision::NotInMesh) => Ok(output),
+        _ => Err(CniError::new(
+            AGENT_PROTOCOL,
+            format!("node agent gave no decision (got {})", resp.decision),
+        )),
+    }
+}
+
+fn del<A, F>(env: &CniEnv, conf: &NetConf, pod: &PodArgs, log: &Log, make_agent: F) -> String
+where
+    A: Agent,
+    F: FnOnce(&NetConf) -> A,
+{
+    if pass_through(conf, pod).is_some() {
+        return String::new();
+    }
+    let req = pb::DelRequest {
+        protocol_version: version(),
+        attachment: Some(attachment(env)),
+        netns: env.netns.clone().unwrap_or_default(),
+        pod: Some(pod_ref(pod)),
+    };
+    // DEL never fails: the agent also learns of deletions from its pod source.
+    if let Err(e) = make_agent(conf).del(req) {
+        log.log(LogLevel::Warn, "DEL: could not tell the agent", &[("error", &e.to_string())]);
+    }
+    String::new()
+}
+
+fn check<A, F>(env: &CniEnv, conf: &NetConf, pod: &PodArgs, make_agent: F) -> Result<String, CniError>
+where
+    A: Agent,
+    F: FnOnce(&NetConf) -> A,
+{
+    prev_result(conf)?;
+    let netns = env.netns.as_deref().unwrap_or_default();
+    check_netns(netns)?;
+    if pass_through(conf, pod).is_some() {
+        return Ok(String::new());
+    }
+    let req = pb::CheckRequest {
+        protocol_version: version(),
+        attachment: Some(attachment(env)),
+        netns: netns.to_owned(),
+        pod: Some(pod_ref(pod)),
+    };
+    let resp = make_agent(conf).check(req).map_err(agent_error)?;
+    if resp.ok {
+        Ok(String::new())
+    } else {
+        Err(CniError::new(REDIRECTION_MISSING, "pod redirection is missing").with_details(resp.message))
+    }
+}
+
+fn status<A, F>(conf: &NetConf, make_agent: F) -> Result<String, CniError>
+where
+    A: Agent,
+    F: FnOnce(&NetConf) -> A,
+{
+    let resp = make_agent(conf)
+        .status(pb::StatusRequest {
+            protocol_version: version(),
+        })
+        .map_err(|e| CniError::new(NOT_AVAILABLE, e.to_string()))?;
+    if resp.ready {
+        Ok(String::new())
+    } else {
+        Err(CniError::new(NOT_AVAILABLE, "node agent not ready").with_details(resp.message))
+    }
+}
+
+fn gc<A, F>(conf: &NetConf, make_agent: F) -> Result<String, CniError>
+where
+    A: Agent,
+    F: FnOnce(&NetConf) -> A,
+{
+    let valid = match conf.raw.get("cni.dev/valid-attachments") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .map(|a| {
+                let get = |k: &str| a.get(k).and_then(Value::as_str).map(str::to_owned);
+                match (get("containerID"), get("ifname")) {
+                    (Some(container_id), Some(ifname)) => Ok(pb::Attachment {
+                        container_id,
+                        ifname,
+                    }),
+                    _ => Err(CniError::new(
+                        INVALID_CONFIG,
+                        "cni.dev/valid-attachments entries need containerID and ifname",
+                    )),
+                }
+            })
+            .collect::<Result<_, _>>()?,
+        Some(_) => {
+            return Err(CniError::new(
+                INVALID_CONFIG,
+                "cni.dev/valid-attachments must be an array",
+            ))
+        }
+    };
+    make_agent(conf)
+        .gc(pb::GcRequest {
+            protocol_version: version(),
+            valid_attachments: valid,
+        })
+        .map_err(agent_error)?;
+    Ok(String::new())
+}
