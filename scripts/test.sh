@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Every test of the project, as root on a Debian machine (`sudo ./scripts/test.sh`).
+# One release build is shared by the tests and the benches; the plugin under test
+# is the static musl binary that ships.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "system packages"
+./scripts/deps.sh
+
+step "build (release, all binaries; static musl plugin)"
+cargo build --release --workspace --bins
+cargo build --release -p ambient-cni --target x86_64-unknown-linux-musl
+export AMBIENT_CNI_PLUGIN="$PWD/target/x86_64-unknown-linux-musl/release/ambient-cni"
+export AMBIENT_CNI_AGENT="$PWD/target/release/ambient-cni-agent"
+
+step "format and lints"
+cargo fmt --all -- --check
+cargo clippy --release --workspace --all-targets -- -D warnings
+
+step "tests"
+cargo test --release --workspace --no-fail-fast
+
+if [ -x manifests/validate.sh ]; then
+  step "manifests and Helm chart"
+  manifests/validate.sh
+fi
+
+step "leftovers"
+left=$(ip netns list 2>/dev/null || true)
+if [ -n "$left" ]; then
+  echo "network namespaces left behind by the tests:"; echo "$left"; exit 1
+fi
+echo "none"
