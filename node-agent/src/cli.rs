@@ -1,8 +1,10 @@
-//! The `ambient-cni-agent` command line (flags with environment fallbacks).
+//! The `ambient-cni-agent` command line (flags with environment fallbacks; where
+//! Istio's agent has the same setting, Istio's environment name).
 
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::logging::LogFormat;
 
@@ -19,7 +21,11 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the node agent (the DaemonSet's command).
-    Run(RunArgs),
+    Run(Box<RunArgs>),
+    /// Install the plugin binary and chain it into the primary CNI config, then exit.
+    Install(ambient_cni_install::cli::InstallArgs),
+    /// Remove our conflist entry (or owned file) and the plugin binary, then exit.
+    Uninstall(ambient_cni_install::cli::InstallArgs),
     /// Apply, remove or show the in-pod redirection rules of one netns by hand.
     Redirect(crate::cmd::redirect::RedirectArgs),
     /// Show what the running agent holds, per pod.
@@ -44,15 +50,83 @@ pub struct LogArgs {
     pub log_format: LogFormat,
 }
 
+/// Where pods come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PodSourceKind {
+    /// The Kubernetes API (in-cluster config or `KUBECONFIG`).
+    Kube,
+    /// A directory of Pod/Namespace JSON files (`--local-pods-dir`; tests and the demo).
+    Local,
+}
+
+/// Which in-pod rules backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// iptables-restore batches (legacy or nft-backed iptables, detected).
+    Iptables,
+    /// Native nf_tables over netlink.
+    Nftables,
+    /// nftables when the kernel has nf_tables, else iptables.
+    Auto,
+}
+
 /// Flags of `run`.
 #[derive(Debug, Clone, Args)]
 pub struct RunArgs {
     /// This node's name (downward API).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
-    /// The socket the plugin talks to.
-    #[arg(long, env = "PLUGIN_SOCKET", default_value = "/var/run/ambient-cni/plugin.sock")]
-    pub plugin_socket: PathBuf,
+    /// Installer settings; also the plugin socket (`--agent-socket`), the agent's
+    /// namespace (`POD_NAMESPACE`) and `EXCLUDE_NAMESPACES`, shared with the plugin's entry.
+    #[command(flatten)]
+    pub install: ambient_cni_install::cli::InstallArgs,
+    /// Run the installer (copy the plugin, chain it into the CNI config, repair it).
+    #[arg(long, env = "INSTALL_CNI", default_value_t = true, action = clap::ArgAction::Set)]
+    pub install_cni: bool,
+    /// The agent's state directory (netns records survive agent restarts here).
+    #[arg(long, env = "RUN_DIR", default_value = "/var/run/ambient-cni")]
+    pub run_dir: PathBuf,
+    /// The ZDS socket ztunnel connects to.
+    #[arg(
+        long,
+        env = "ZTUNNEL_UDS_ADDRESS",
+        default_value = "/var/run/ztunnel/ztunnel.sock"
+    )]
+    pub ztunnel_uds_address: PathBuf,
+    /// Where pods come from.
+    #[arg(long, env = "POD_SOURCE", value_enum, default_value = "kube")]
+    pub pod_source: PodSourceKind,
+    /// Directory of the local pod source.
+    #[arg(long, env = "LOCAL_PODS_DIR", required_if_eq("pod_source", "local"))]
+    pub local_pods_dir: Option<PathBuf>,
+    /// Enablement selectors (YAML list, Istio's shape); Istio's default when empty.
+    #[arg(long, env = "AMBIENT_ENABLEMENT_SELECTOR", default_value = "")]
+    pub ambient_enablement_selector: String,
+    /// Capture pod DNS to ztunnel (pods may override).
+    #[arg(long, env = "AMBIENT_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ambient_dns_capture: bool,
+    /// Install IPv6 rules too.
+    #[arg(long, env = "AMBIENT_IPV6", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ambient_ipv6: bool,
+    /// Source address kubelet probes are SNATed to (IPv4).
+    #[arg(long, env = "HOST_PROBE_SNAT_IP", default_value = "169.254.7.127")]
+    pub host_probe_snat_ip: Ipv4Addr,
+    /// Source address kubelet probes are SNATed to (IPv6).
+    #[arg(
+        long,
+        env = "HOST_PROBE_SNAT_IPV6",
+        default_value = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
+    )]
+    pub host_probe_snat_ipv6: Ipv6Addr,
+    /// Where ztunnel runs (its pods are never captured).
+    #[arg(long, env = "SYSTEM_NAMESPACE", default_value = "istio-system")]
+    pub system_namespace: String,
+    /// In-pod rules backend.
+    #[arg(long, env = "RULES_BACKEND", value_enum, default_value = "auto")]
+    pub rules_backend: BackendChoice,
+    /// The host's /proc (`/host/proc` in a pod).
+    #[arg(long, env = "HOST_PROC", default_value = "/proc")]
+    pub host_proc: PathBuf,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,

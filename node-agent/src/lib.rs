@@ -5,7 +5,11 @@ pub mod cmd;
 pub mod discovery;
 pub mod inpod;
 pub mod logging;
+pub mod mesh;
 pub mod plugin_server;
+pub mod pods;
+pub mod policy;
+pub mod privileges;
 pub mod run;
 
 use cli::{Cli, Command};
@@ -13,8 +17,18 @@ use cli::{Cli, Command};
 /// Runs one parsed command line.
 pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Run(args) => run::run(args),
+        Command::Run(args) => run::run(*args),
         Command::Redirect(args) => cmd::redirect::run(args),
+        Command::Install(args) => {
+            let out = ambient_cni_install::cli::run_install(&args)?;
+            println!("{out:?}");
+            Ok(())
+        }
+        Command::Uninstall(args) => {
+            let out = ambient_cni_install::cli::run_uninstall(&args)?;
+            println!("{out:?}");
+            Ok(())
+        }
         Command::Status | Command::Doctor { .. } | Command::Demo => {
             anyhow::bail!("not yet: this subcommand lands with a later release")
         }

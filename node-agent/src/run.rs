@@ -3,39 +3,171 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use tracing::info;
+use iptables_rules::backend::{self, BackendKind};
+use iptables_rules::config::InpodConfig;
+use iptables_rules::netns::Netns;
+use iptables_rules::redirector::Redirector;
+use tracing::{error, info, warn};
 
-use crate::cli::RunArgs;
-use crate::plugin_server::{self, NotInMesh};
+use crate::cli::{BackendChoice, PodSourceKind, RunArgs};
+use crate::mesh::controller::Controller;
+use crate::mesh::enroller::{Effects, Enroller};
+use crate::mesh::hooks::{NoProbeSet, NoStatus};
+use crate::mesh::persist::Store;
+use crate::mesh::table::Table;
+use crate::plugin_server;
+use crate::pods::local::LocalSource;
+use crate::pods::source::PodSource;
+use crate::policy::{parse_selectors, Policy};
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
     crate::logging::init(&args.log.log_level, args.log.log_format)?;
+    crate::privileges::drop_unneeded()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        .max_blocking_threads(64)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
     rt.block_on(serve(args))
 }
 
+/// The policy the flags describe.
+pub fn policy_from(args: &RunArgs) -> anyhow::Result<Policy> {
+    Ok(Policy {
+        selectors: parse_selectors(&args.ambient_enablement_selector)
+            .map_err(anyhow::Error::msg)?,
+        exclude_namespaces: args.install.exclude_namespaces_list(),
+        system_namespace: args.system_namespace.clone(),
+        agent_namespace: args.install.agent_namespace.clone(),
+        agent_pod_prefix: args.install.agent_pod_prefix.clone(),
+        inpod: InpodConfig {
+            dns_capture: args.ambient_dns_capture,
+            ipv6: args.ambient_ipv6,
+            probe_snat_v4: args.host_probe_snat_ip,
+            probe_snat_v6: args.host_probe_snat_ipv6,
+            ..InpodConfig::default()
+        },
+    })
+}
+
+/// The rules backend the flags ask for (`auto`: native nftables when it works).
+pub fn redirector_from(choice: BackendChoice) -> anyhow::Result<Redirector> {
+    let kind = match choice {
+        BackendChoice::Iptables => BackendKind::Iptables,
+        BackendChoice::Nftables => BackendKind::Nftables,
+        BackendChoice::Auto => match backend::make(BackendKind::Nftables) {
+            Ok(b) => return Ok(Redirector::new(b)),
+            Err(e) => {
+                warn!(error = %e, "native nftables unavailable; using iptables");
+                BackendKind::Iptables
+            }
+        },
+    };
+    let b = backend::make(kind).with_context(|| format!("rules backend {kind}"))?;
+    Ok(Redirector::new(b))
+}
+
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
-    info!(node = %args.node_name, socket = %args.plugin_socket.display(), "starting ambient-cni-agent");
-    let listener = plugin_server::bind(&args.plugin_socket)?;
+    info!(node = %args.node_name, "starting ambient-cni-agent");
+    let policy = policy_from(&args)?;
+    let redirector = Arc::new(redirector_from(args.rules_backend)?);
+    info!(backend = %redirector.kind(), "in-pod rules backend");
+    let source: Arc<dyn PodSource> = match args.pod_source {
+        PodSourceKind::Local => {
+            let dir = args
+                .local_pods_dir
+                .clone()
+                .context("--local-pods-dir is required with --pod-source local")?;
+            Arc::new(LocalSource::new(&dir).with_context(|| format!("local pod source {}", dir.display()))?)
+        }
+        PodSourceKind::Kube => anyhow::bail!("the Kubernetes pod source lands with the Kubernetes integration; use --pod-source local"),
+    };
+    let store = Store::open(args.run_dir.join("pods"))
+        .with_context(|| format!("state directory {}", args.run_dir.display()))?;
+    let host = Netns::host_id(&args.host_proc).context("cannot identify the host netns")?;
+    let table = Arc::new(Table::default());
+    let enroller = Arc::new(Enroller::new(
+        table,
+        Effects {
+            redirector,
+            probes: Arc::new(NoProbeSet),
+            status: Arc::new(NoStatus),
+            store,
+        },
+        args.host_proc.clone(),
+        host,
+    ));
+    let controller = Controller::new(policy, enroller, source);
+
+    // The plugin socket opens first: until state is rebuilt it answers "try again".
+    let socket = std::path::PathBuf::from(&args.install.agent_socket);
+    let listener = plugin_server::bind(&socket)?;
     let uid = nix::unistd::geteuid().as_raw();
-    plugin_server::serve(listener, Arc::new(NotInMesh), uid, shutdown_signal())
-        .await
-        .context("plugin socket server failed")?;
-    let _ = std::fs::remove_file(&args.plugin_socket);
-    info!("stopped");
+    let plugin = tokio::spawn(plugin_server::serve(
+        listener,
+        controller.clone(),
+        uid,
+        crate::run::shutdown_signal(),
+    ));
+    let ctl = controller.clone();
+    let zds_path = args.ztunnel_uds_address.clone();
+    let control = tokio::spawn(async move { ctl.start(zds_path).await });
+
+    // Then the CNI config (Istio's order): the kubelet only chains us once we can answer.
+    let install_ready = Arc::new(std::sync::atomic::AtomicBool::new(!args.install_cni));
+    let installer = if args.install_cni {
+        let inst = Arc::new(args.install.installer().context("installer settings")?);
+        let ready = install_ready.clone();
+        let runner = inst.clone();
+        Some(tokio::spawn(async move {
+            // SIGTERM is an upgrade or reboot unless told otherwise: keep the
+            // plugin and its config (pods fail closed until the agent is back).
+            // `ambient-cni-agent uninstall` removes them.
+            let shutdown = async {
+                crate::run::shutdown_signal().await;
+                ambient_cni_install::ShutdownMode::Upgrade
+            };
+            if let Err(e) = runner.run(shutdown, ready).await {
+                error!(error = %e, "installer failed");
+            }
+        }))
+    } else {
+        None
+    };
+
+    tokio::select! {
+        r = plugin => {
+            r.context("plugin server task")?.context("plugin socket server failed")?;
+        }
+        r = control => {
+            match r {
+                Ok(Ok(())) => warn!("controller ended"),
+                Ok(Err(e)) => error!(error = %e, "controller failed"),
+                Err(e) => error!(error = %e, "controller task failed"),
+            }
+        }
+    }
+    // Listener first, then connections: ztunnel's instant reconnect must not land in a dying backlog.
+    if let Some(z) = controller.enroller().zds() {
+        z.shutdown().await;
+    }
+    if let Some(i) = installer {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), i).await;
+    }
+    let _ = std::fs::remove_file(&socket);
+    info!("stopped (in-pod rules stay in place)");
     Ok(())
 }
 
 /// Resolves on the first SIGTERM or SIGINT.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt()))
-    else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         // Without signal handlers the process still dies on the default action.
         return std::future::pending().await;
     };

@@ -86,8 +86,10 @@ fn main() {
     // `cargo bench` passes --bench; `cargo test --benches` would too: nothing else to parse.
     let bin = plugin();
     let dir = TempDir::new("acni-bench");
-    let sock = dir.join("plugin.sock");
-    let _agent = AgentProcess::start(&sock, &dir.join("agent.log"), &[]);
+    // The asked pod exists outside the mesh: one agent round trip, "not in mesh".
+    ambient_cni_tests::write_pod(&dir.join("pods"), "shop", "web-0", "u1", None, serde_json::json!({}));
+    let agent = AgentProcess::start(&dir.0, &[]);
+    let sock = agent.socket.clone();
     let mut entry = plugin_entry(&sock, 5000);
     entry["log_level"] = "error".into();
     entry["cniVersion"] = "1.0.0".into();

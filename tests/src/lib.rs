@@ -115,7 +115,10 @@ impl NamedNetns {
     pub fn exec(&self, argv: &[&str]) -> std::process::Output {
         let mut args = vec!["netns", "exec", &self.name];
         args.extend_from_slice(argv);
-        Command::new("ip").args(&args).output().expect("exec ip netns exec")
+        Command::new("ip")
+            .args(&args)
+            .output()
+            .expect("exec ip netns exec")
     }
 }
 
@@ -192,14 +195,24 @@ impl Exec {
 
     /// Asserts the spec's error JSON with `code` is all that was printed, and exit 1.
     pub fn assert_error(&self, code: u64) -> Value {
-        assert_eq!(self.code, 1, "exit code; stdout={} stderr={}", self.stdout, self.stderr);
+        assert_eq!(
+            self.code, 1,
+            "exit code; stdout={} stderr={}",
+            self.stdout, self.stderr
+        );
         let v = self.json();
         assert_eq!(v["code"], code, "error code; got {v}");
         assert!(v["msg"].as_str().is_some_and(|m| !m.is_empty()), "msg: {v}");
         assert!(v["cniVersion"].is_string(), "cniVersion: {v}");
-        let keys: Vec<_> = v.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+        let keys: Vec<_> = v
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
         for k in &keys {
-            assert!(["cniVersion", "code", "msg", "details"].contains(&k.as_str()), "extra key {k} in {v}");
+            assert!(
+                ["cniVersion", "code", "msg", "details"].contains(&k.as_str()),
+                "extra key {k} in {v}"
+            );
         }
         v
     }
@@ -269,39 +282,61 @@ pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
     cond()
 }
 
-/// A running `ambient-cni-agent run`, killed (SIGKILL) on drop.
+/// A running `ambient-cni-agent run` with a local pod source, killed (SIGKILL) on drop.
+///
+/// Everything lives under one directory: `plugin.sock`, `ztunnel.sock`, `pods/`
+/// (the local pod source), `run/` (state records) and `agent.log`.
 #[derive(Debug)]
 pub struct AgentProcess {
     child: Child,
+    /// The base directory.
+    pub dir: PathBuf,
     /// The plugin socket it serves.
     pub socket: PathBuf,
     log: PathBuf,
 }
 
 impl AgentProcess {
-    /// Starts the agent with `args` after `run`, serving `socket`; waits until the socket exists.
-    pub fn start(socket: &Path, log: &Path, extra: &[&str]) -> Self {
-        let logf = std::fs::File::create(log).expect("agent log");
+    /// Starts the agent under `dir` with `extra` flags; waits until it is ready.
+    pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(dir.join("pods")).expect("pods dir");
+        let log = dir.join("agent.log");
+        let logf = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("agent log");
+        let socket = dir.join("plugin.sock");
         let mut cmd = Command::new(agent_bin());
         cmd.arg("run")
-            .arg("--plugin-socket")
-            .arg(socket)
+            .arg("--agent-socket")
+            .arg(&socket)
+            .arg("--ztunnel-uds-address")
+            .arg(dir.join("ztunnel.sock"))
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .args(["--pod-source", "local", "--local-pods-dir"])
+            .arg(dir.join("pods"))
+            .args(["--install-cni=false", "--log-level", "info,ambient_cni_agent=debug"])
             .args(extra)
             .env("NODE_NAME", "test-node")
             .stdout(logf.try_clone().expect("log fd"))
             .stderr(logf);
         let child = cmd.spawn().expect("spawn agent");
-        let me = Self {
+        let mut me = Self {
             child,
-            socket: socket.to_owned(),
-            log: log.to_owned(),
+            dir: dir.to_owned(),
+            socket,
+            log,
         };
-        assert!(
-            wait_for(Duration::from_secs(10), || socket.exists()),
-            "agent did not create {}; log:\n{}",
-            socket.display(),
-            me.log_text()
-        );
+        let before = me.log_text().matches("agent ready").count();
+        let ready = wait_for(Duration::from_secs(20), || {
+            me.log_text().matches("agent ready").count() > before
+        });
+        if !ready {
+            me.kill();
+            panic!("agent did not become ready; log:\n{}", me.log_text());
+        }
         me
     }
 
@@ -323,6 +358,104 @@ impl AgentProcess {
 }
 
 impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Writes a Namespace object into a local pod source directory.
+pub fn write_namespace(pods_dir: &Path, name: &str, labels: Value) {
+    let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name, "labels": labels}});
+    write_obj(&pods_dir.join("namespaces"), name, &obj);
+}
+
+/// Writes a running Pod object into a local pod source directory; returns its file stem.
+pub fn write_pod(pods_dir: &Path, ns: &str, name: &str, uid: &str, ip: Option<&str>, labels: Value) -> String {
+    let mut obj = json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": ns, "name": name, "uid": uid, "labels": labels},
+        "spec": {"nodeName": "test-node", "serviceAccountName": "sa-" .to_owned() + name, "containers": [{"name": "app", "image": "app"}]},
+        "status": {"phase": "Running"},
+    });
+    if let Some(ip) = ip {
+        obj["status"]["podIP"] = ip.into();
+        obj["status"]["podIPs"] = json!([{"ip": ip}]);
+    }
+    let stem = format!("{ns}_{name}");
+    write_obj(&pods_dir.join("pods"), &stem, &obj);
+    stem
+}
+
+/// Removes a Pod object from a local pod source directory.
+pub fn delete_pod(pods_dir: &Path, stem: &str) {
+    let _ = std::fs::remove_file(pods_dir.join("pods").join(format!("{stem}.json")));
+}
+
+fn write_obj(dir: &Path, stem: &str, obj: &Value) {
+    std::fs::create_dir_all(dir).expect("mkdir");
+    let tmp = dir.join(format!(".{stem}.tmp"));
+    std::fs::write(&tmp, serde_json::to_vec_pretty(obj).expect("json")).expect("write");
+    std::fs::rename(tmp, dir.join(format!("{stem}.json"))).expect("rename");
+}
+
+/// A running ztunnel stand-in; its JSON-line events are read from its stdout file.
+#[derive(Debug)]
+pub struct Standin {
+    child: Child,
+    out: PathBuf,
+}
+
+impl Standin {
+    /// Starts the stand-in against `socket`, with extra flags; output to `out`.
+    pub fn start(socket: &Path, out: &Path, extra: &[&str]) -> Self {
+        let f = std::fs::File::create(out).expect("standin out");
+        let child = Command::new(standin_bin())
+            .arg("--socket")
+            .arg(socket)
+            .args(["--max-backoff-ms", "100"])
+            .args(extra)
+            .stdout(f)
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn standin");
+        Self {
+            child,
+            out: out.to_owned(),
+        }
+    }
+
+    /// All events so far.
+    pub fn events(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Events of a kind.
+    pub fn events_of(&self, kind: &str) -> Vec<Value> {
+        self.events().into_iter().filter(|e| e["event"] == kind).collect()
+    }
+
+    /// Waits until `n` events of `kind` have been seen.
+    pub fn wait_count(&self, kind: &str, n: usize, limit: Duration) -> bool {
+        wait_for(limit, || self.events_of(kind).len() >= n)
+    }
+
+    /// Whether the process is still running.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Stops it (SIGKILL).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Standin {
     fn drop(&mut self) {
         self.kill();
     }

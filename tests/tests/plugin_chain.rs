@@ -37,8 +37,10 @@ fn chains_after_bridge_for_every_version() {
         return;
     }
     let dir = TempDir::new("acni-chain");
-    let sock = dir.join("plugin.sock");
-    let _agent = AgentProcess::start(&sock, &dir.join("agent.log"), &[]);
+    // The pod exists but its namespace is not in the mesh: the agent answers "not in mesh".
+    write_pod(&dir.join("pods"), "shop", "web-0", "uid-web-0", None, serde_json::json!({}));
+    let agent = AgentProcess::start(&dir.0, &[]);
+    let sock = agent.socket.clone();
     for (i, version) in VERSIONS.iter().enumerate() {
         let ns = NamedNetns::new();
         let (chain, _bridge) = chain_for(version, 10 + i as u8, plugin_entry(&sock, 2000), &dir);
@@ -222,8 +224,8 @@ fn agent_that_answers_garbage_is_a_protocol_error() {
 #[test]
 fn version_status_gc_and_version_gating() {
     let dir = TempDir::new("acni-cmds");
-    let sock = dir.join("plugin.sock");
-    let _agent = AgentProcess::start(&sock, &dir.join("agent.log"), &[]);
+    let agent = AgentProcess::start(&dir.0, &[]);
+    let sock = agent.socket.clone();
     let out = run(&[("CNI_COMMAND", "VERSION")], b"");
     assert_eq!(out.code, 0);
     assert_eq!(out.json()["supportedVersions"].as_array().map(Vec::len), Some(5));
@@ -260,12 +262,12 @@ fn non_root_peer_is_refused_by_the_agent() {
         return;
     }
     let dir = TempDir::new("acni-peer");
-    let sock = dir.join("run/plugin.sock");
-    let agent = AgentProcess::start(&sock, &dir.join("agent.log"), &[]);
+    let agent = AgentProcess::start(&dir.0, &[]);
+    let sock = agent.socket.clone();
     let mode = |p: &std::path::Path| std::fs::metadata(p).map(|m| m.permissions().mode() & 0o777);
     assert_eq!(mode(&sock).ok(), Some(0o600), "socket must be 0600");
     // Open the file modes so only the SO_PEERCRED check stands between nobody and the agent.
-    for p in [&dir.0, &dir.join("run"), &sock] {
+    for p in [&dir.0, &sock] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     }
     let stdin = conf(&format!(r#","agent_socket":"{}","timeout_ms":1000{PREV}"#, sock.display()));

@@ -109,12 +109,13 @@ impl Connection {
         message::decode_hello(&buf[..n]).map_err(|r| self.protocol(r))
     }
 
+    /// Consumes unread packets so closing gives ztunnel a clean EOF.
+    pub fn discard_pending(&self) {
+        self.sock.discard_pending();
+    }
+
     /// Sends one request (with its fd) and waits for its ack.
-    pub async fn exchange(
-        &mut self,
-        msg: &Encoded,
-        fd: Option<&OwnedFd>,
-    ) -> Result<(), ZdsError> {
+    pub async fn exchange(&mut self, msg: &Encoded, fd: Option<&OwnedFd>) -> Result<(), ZdsError> {
         let sent = tokio::time::timeout(
             self.cfg.write_timeout,
             self.sock.send(&msg.bytes, fd.map(|f| f.as_fd())),
@@ -263,7 +264,11 @@ impl Connection {
                 ev = self.idle_event() => { ev?; continue; }
             };
             let res = self.exchange(&job.msg, job.fd.as_ref()).await;
-            let fatal = res.as_ref().err().filter(|e| self.is_fatal(e)).map(|e| e.to_string());
+            let fatal = res
+                .as_ref()
+                .err()
+                .filter(|e| self.is_fatal(e))
+                .map(|e| e.to_string());
             // The caller may have given up waiting: nothing to do then.
             let _ = job.reply.send(res);
             if let Some(reason) = fatal {
@@ -306,7 +311,9 @@ pub(crate) type Source = Arc<dyn super::snapshot::SnapshotSource>;
 mod tests {
     use super::super::packet::tests::pair;
     use super::*;
-    use ambient_cni_api::zds::{workload_request::Payload, Ack, WorkloadRequest, WorkloadResponse, ZdsHello};
+    use ambient_cni_api::zds::{
+        workload_request::Payload, Ack, WorkloadRequest, WorkloadResponse, ZdsHello,
+    };
     use prost::Message;
     use std::time::Duration;
 
@@ -343,9 +350,21 @@ mod tests {
         let peer = SeqPacket::new(b).unwrap();
         let start = std::time::Instant::now();
         let err = conn.read_hello().await.unwrap_err();
-        assert!(matches!(err, ZdsError::Timeout { what: "read hello", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                ZdsError::Timeout {
+                    what: "read hello",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(start.elapsed() < Duration::from_secs(2));
-        let hello = ZdsHello { version: Version::V1 as i32 }.encode_to_vec();
+        let hello = ZdsHello {
+            version: Version::V1 as i32,
+        }
+        .encode_to_vec();
         peer.send(&hello, None).await.unwrap();
         assert_eq!(conn.read_hello().await.unwrap(), Version::V1);
     }
@@ -357,7 +376,16 @@ mod tests {
         let peer = SeqPacket::new(b).unwrap();
         let del1 = message::encode(&message::del("one")).unwrap();
         let err = conn.exchange(&del1, None).await.unwrap_err();
-        assert!(matches!(err, ZdsError::Timeout { what: "read ack", .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                ZdsError::Timeout {
+                    what: "read ack",
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(!conn.is_fatal(&err), "one timeout keeps the connection");
         assert_eq!(read_req(&peer).await, message::del("one"));
         // Late success for "one", then a nack for "two": "two" must see the nack.
@@ -367,7 +395,10 @@ mod tests {
             assert_eq!(read_req(&peer).await, message::del("two"));
             peer.send(&ack("no"), None).await.unwrap();
         });
-        assert!(matches!(res, Err(ZdsError::Nack(ref t)) if t == "no"), "{res:?}");
+        assert!(
+            matches!(res, Err(ZdsError::Nack(ref t)) if t == "no"),
+            "{res:?}"
+        );
     }
 
     #[tokio::test]
@@ -411,12 +442,21 @@ mod tests {
             for i in 0..4 {
                 let req = read_req(&peer).await;
                 seen.push(req.clone());
-                peer.send(&ack(if i == 1 { "nope" } else { "" }), None).await.unwrap();
+                peer.send(&ack(if i == 1 { "nope" } else { "" }), None)
+                    .await
+                    .unwrap();
             }
             seen
         });
         let stats = stats.unwrap();
-        assert_eq!(stats, SnapshotStats { added: 0, kept: 2, failed: 1 });
+        assert_eq!(
+            stats,
+            SnapshotStats {
+                added: 0,
+                kept: 2,
+                failed: 1
+            }
+        );
         assert_eq!(seen[0], message::keep("u0"));
         assert_eq!(seen[2], message::keep("u2"));
         assert!(matches!(seen[3].payload, Some(Payload::SnapshotSent(_))));

@@ -55,7 +55,9 @@ impl ZdsListener {
             .map_err(err("chmod"))?;
         listen(&fd, Backlog::new(128).unwrap_or(Backlog::MAXCONN))
             .map_err(|e| err("listen")(e.into()))?;
-        let fd = AsyncFd::with_interest(fd, Interest::READABLE).map_err(err("register"))?;
+        // SAFETY: the OwnedFd moves into the AsyncFd and stays open until it drops.
+        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+            .map_err(|e| err("register")(e.into_parts().1))?;
         Ok(Self {
             fd,
             path: path.to_owned(),
@@ -118,7 +120,10 @@ mod tests {
         let d = tmpdir("a");
         let path = d.join("sub/ztunnel.sock");
         let l = ZdsListener::bind(&path).unwrap();
-        assert_eq!(std::fs::metadata(d.join("sub")).unwrap().mode() & 0o777, 0o750);
+        assert_eq!(
+            std::fs::metadata(d.join("sub")).unwrap().mode() & 0o777,
+            0o750
+        );
         assert_eq!(std::fs::metadata(&path).unwrap().mode() & 0o777, 0o600);
         drop(l);
         // The file is left behind (like a crashed agent): binding again replaces it.

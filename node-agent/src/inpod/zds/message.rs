@@ -117,7 +117,10 @@ mod tests {
 
     #[test]
     fn keep_and_snapshot_sent_wire_bytes() {
-        assert_eq!(encode(&keep("u")).unwrap().bytes, vec![0x2a, 3, 0x0a, 1, b'u']);
+        assert_eq!(
+            encode(&keep("u")).unwrap().bytes,
+            vec![0x2a, 3, 0x0a, 1, b'u']
+        );
         assert_eq!(encode(&snapshot_sent()).unwrap().bytes, vec![0x1a, 0]);
     }
 

@@ -5,11 +5,11 @@
 //! request/ack lock-step per connection.
 
 pub mod config;
-pub mod connection;
+pub(crate) mod connection;
 pub mod error;
-pub mod listener;
+pub(crate) mod listener;
 pub mod message;
-pub mod packet;
+pub(crate) mod packet;
 pub mod server;
 pub mod snapshot;
 

@@ -27,9 +27,11 @@ impl SeqPacket {
     /// Wraps a connected socket, switching it to non-blocking. Needs a tokio runtime.
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
         set_nonblocking(fd.as_raw_fd())?;
-        Ok(Self {
-            fd: AsyncFd::with_interest(fd, Interest::READABLE | Interest::WRITABLE)?,
-        })
+        // SAFETY: the OwnedFd moves into the AsyncFd and stays open until it drops.
+        let fd =
+            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) }
+                .map_err(|e| e.into_parts().1)?;
+        Ok(Self { fd })
     }
 
     /// Sends `buf` as one packet, with `fd` attached as SCM_RIGHTS when given.
@@ -82,6 +84,25 @@ impl SeqPacket {
     }
 }
 
+impl SeqPacket {
+    /// Reads and discards whatever is queued, without waiting. Called right
+    /// before closing: closing with unread data makes the peer see
+    /// `ECONNRESET` instead of a clean EOF.
+    pub fn discard_pending(&self) {
+        let raw = self.fd.get_ref().as_raw_fd();
+        let mut buf = [0u8; 1024];
+        // Bounded: the peer could keep writing.
+        for _ in 0..1024 {
+            match recv_once(raw, &mut buf) {
+                Ok(Recv::Packet(_)) => continue,
+                // A refused packet (truncated, with fds) was still consumed.
+                Err(e) if e.kind() == io::ErrorKind::InvalidData => continue,
+                _ => break,
+            }
+        }
+    }
+}
+
 impl AsFd for SeqPacket {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.get_ref().as_fd()
@@ -93,13 +114,8 @@ fn recv_once(fd: RawFd, buf: &mut [u8]) -> io::Result<Recv> {
     // rather than leaking in as a silent MSG_CTRUNC.
     let mut cmsg = nix::cmsg_space!([RawFd; 4]);
     let mut iov = [IoSliceMut::new(buf)];
-    let msg = recvmsg::<()>(
-        fd,
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .map_err(io::Error::from)?;
+    let msg = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+        .map_err(io::Error::from)?;
     let mut stray = 0usize;
     if let Ok(cmsgs) = msg.cmsgs() {
         for c in cmsgs {
@@ -190,7 +206,10 @@ pub(crate) mod tests {
             .collect();
         assert_eq!(fds.len(), 1);
         let got = unsafe { std::fs::File::from_raw_fd(fds[0]) };
-        assert_eq!(got.metadata().unwrap().ino(), file.metadata().unwrap().ino());
+        assert_eq!(
+            got.metadata().unwrap().ino(),
+            file.metadata().unwrap().ino()
+        );
     }
 
     #[tokio::test]
@@ -212,7 +231,10 @@ pub(crate) mod tests {
         a.send(b"x", Some(file.as_fd())).await.unwrap();
         let mut buf = [0u8; 1024];
         let err = b.recv(&mut buf).await.unwrap_err();
-        assert!(err.to_string().contains("unexpected control message"), "{err}");
+        assert!(
+            err.to_string().contains("unexpected control message"),
+            "{err}"
+        );
         a.send(b"yz", None).await.unwrap();
         assert_eq!(b.recv(&mut buf).await.unwrap(), Recv::Packet(2));
         drop(a);

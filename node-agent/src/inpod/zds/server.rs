@@ -213,7 +213,10 @@ impl Drop for ZdsServer {
     }
 }
 
-async fn answer_of(h: &Handle, answer: oneshot::Receiver<Result<(), ZdsError>>) -> Result<(), ZdsError> {
+async fn answer_of(
+    h: &Handle,
+    answer: oneshot::Receiver<Result<(), ZdsError>>,
+) -> Result<(), ZdsError> {
     answer.await.unwrap_or_else(|_| {
         Err(ZdsError::ConnectionClosed {
             conn: h.name.clone(),
@@ -283,6 +286,7 @@ async fn handle_connection(inner: Arc<Inner>, id: u64, name: String, fd: std::os
     let res = run_after_hello(&mut conn, entries, &mut rx, &mut stop).await;
     inner.deregister(id);
     fail_pending(&name, &mut rx);
+    conn.discard_pending();
     match res {
         Ok(()) => info!(conn = %name, "connection closed by agent"),
         Err(ZdsError::ConnectionClosed { .. }) => info!(conn = %name, "ztunnel disconnected"),

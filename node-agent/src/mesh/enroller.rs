@@ -1,0 +1,360 @@
+//! Moving one pod into or out of the mesh, in Istio's order (istio-reference §2.5):
+//! netns → in-pod rules → ZDS add + ack → probe set → status. Steps for one pod
+//! are serialised; different pods proceed concurrently.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use iptables_rules::config::InpodConfig;
+use iptables_rules::netns::{Netns, NsId};
+use iptables_rules::redirector::Redirector;
+use tracing::{info, info_span, warn, Instrument};
+
+use super::hooks::{ProbeSet, StatusWriter};
+use super::persist::{Record, Store};
+use super::table::{Held, Phase, Table};
+use crate::inpod::zds::server::ZdsServer;
+use crate::pods::PodId;
+
+/// Why an enrolment step failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EnrollError {
+    /// The pod's netns could not be opened or found (not retryable for this event).
+    #[error("pod {pod}: netns: {msg}")]
+    Netns {
+        /// The pod.
+        pod: PodId,
+        /// What failed.
+        msg: String,
+    },
+    /// Installing or removing the in-pod rules failed.
+    #[error("pod {pod}: in-pod rules: {msg}")]
+    Rules {
+        /// The pod.
+        pod: PodId,
+        /// What failed.
+        msg: String,
+    },
+    /// ztunnel did not take the pod (no connection, nack, timeout): retryable, pod pending.
+    #[error("pod {pod}: ztunnel: {msg}")]
+    Ztunnel {
+        /// The pod.
+        pod: PodId,
+        /// What failed.
+        msg: String,
+    },
+}
+
+impl EnrollError {
+    /// Whether trying again later may succeed.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Ztunnel { .. } | Self::Rules { .. })
+    }
+}
+
+/// What is needed to enrol one pod.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Identity.
+    pub id: PodId,
+    /// `spec.serviceAccountName`.
+    pub service_account: String,
+    /// A netns path to use (from `CNI_NETNS`), else the held one or a /proc scan.
+    pub netns_path: Option<String>,
+    /// The pod's IPs.
+    pub ips: Vec<IpAddr>,
+    /// Rules options.
+    pub cfg: InpodConfig,
+    /// The CNI container id, if from a plugin ADD.
+    pub container_id: Option<String>,
+}
+
+/// Does the steps; owns nothing but handles to the effects.
+pub struct Enroller {
+    /// Held pods.
+    pub table: Arc<Table>,
+    redirector: Arc<Redirector>,
+    zds: std::sync::OnceLock<Arc<ZdsServer>>,
+    probes: Arc<dyn ProbeSet>,
+    status: Arc<dyn StatusWriter>,
+    store: Store,
+    host_proc: PathBuf,
+    host_netns: NsId,
+    zds_timeout: Duration,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// The effects an enroller drives.
+pub struct Effects {
+    /// In-pod rules.
+    pub redirector: Arc<Redirector>,
+    /// Host probe set.
+    pub probes: Arc<dyn ProbeSet>,
+    /// Status annotation.
+    pub status: Arc<dyn StatusWriter>,
+    /// Netns records.
+    pub store: Store,
+}
+
+impl Enroller {
+    /// An enroller over `table` with these effects.
+    pub fn new(table: Arc<Table>, fx: Effects, host_proc: PathBuf, host_netns: NsId) -> Self {
+        Self {
+            table,
+            redirector: fx.redirector,
+            zds: std::sync::OnceLock::new(),
+            probes: fx.probes,
+            status: fx.status,
+            store: fx.store,
+            host_proc,
+            host_netns,
+            zds_timeout: Duration::from_secs(4),
+            locks: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Hands the enroller its ZDS server, once state is rebuilt (before that, a
+    /// connecting ztunnel would get an empty snapshot and drain every pod).
+    pub fn set_zds(&self, zds: Arc<ZdsServer>) {
+        let _ = self.zds.set(zds);
+    }
+
+    /// The ZDS server, once set.
+    pub fn zds(&self) -> Option<&Arc<ZdsServer>> {
+        self.zds.get()
+    }
+
+    /// Number of connected ztunnels.
+    pub fn ztunnels(&self) -> usize {
+        self.zds.get().map_or(0, |z| z.connections())
+    }
+
+    /// The rules redirector.
+    pub fn redirector(&self) -> &Arc<Redirector> {
+        &self.redirector
+    }
+
+    /// The record store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The host netns identity (never treated as a pod's).
+    pub fn host_netns(&self) -> NsId {
+        self.host_netns
+    }
+
+    /// Where the host's /proc is mounted.
+    pub fn host_proc(&self) -> &std::path::Path {
+        &self.host_proc
+    }
+
+    fn pod_lock(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.locks.lock().unwrap_or_else(|e| e.into_inner());
+        // Drop locks nobody holds, so the map does not grow with pod churn.
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks.entry(uid.to_owned()).or_default().clone()
+    }
+
+    /// Opens the pod's netns: the given path, else the held one, else a /proc scan.
+    async fn netns_for(&self, req: &Request) -> Result<(Arc<Netns>, String), EnrollError> {
+        let err = |msg: String| EnrollError::Netns {
+            pod: req.id.clone(),
+            msg,
+        };
+        if let Some(path) = &req.netns_path {
+            let host = self.host_netns;
+            let p = PathBuf::from(path);
+            let ns = tokio::task::spawn_blocking(move || Netns::open(&p, Some(host)))
+                .await
+                .map_err(|e| err(e.to_string()))?
+                .map_err(|e| err(e.to_string()))?;
+            // Keep the fd already held when it is the same netns (ztunnel sees no change).
+            if let Some(held) = self.table.get(&req.id.uid).and_then(|h| h.netns) {
+                if held.id() == ns.id() {
+                    return Ok((held, path.clone()));
+                }
+            }
+            return Ok((Arc::new(ns), path.clone()));
+        }
+        if let Some(h) = self.table.get(&req.id.uid) {
+            if let (Some(ns), Some(p)) = (h.netns, h.netns_path) {
+                return Ok((ns, p));
+            }
+        }
+        let wanted = HashMap::from([(req.id.uid.clone(), req.ips.clone())]);
+        let (proc_dir, host) = (self.host_proc.clone(), self.host_netns);
+        let mut found = tokio::task::spawn_blocking(move || {
+            crate::discovery::scan::scan_for_pods(&proc_dir, &wanted, host)
+        })
+        .await
+        .map_err(|e| err(e.to_string()))?;
+        let ns = found
+            .remove(&req.id.uid)
+            .ok_or_else(|| err("no process of this pod found in the host's /proc".into()))?;
+        let label = ns.label().to_owned();
+        Ok((Arc::new(ns), label))
+    }
+
+    /// Puts a pod in the mesh; on success it is held `Enabled`.
+    pub async fn add(&self, req: Request) -> Result<(), EnrollError> {
+        let span = info_span!("enroll", namespace = %req.id.namespace, pod = %req.id.name, uid = %req.id.uid);
+        async {
+            let lock = self.pod_lock(&req.id.uid);
+            let _guard = lock.lock().await;
+            let (netns, path) = self.netns_for(&req).await?;
+            self.apply_rules(&req.id, &netns, &req.cfg).await?;
+            // Held (pending) before the add, so a snapshot racing with it includes the pod.
+            self.table.put(Held {
+                id: req.id.clone(),
+                service_account: req.service_account.clone(),
+                netns: Some(netns.clone()),
+                netns_path: Some(path.clone()),
+                cfg: req.cfg.clone(),
+                ips: req.ips.clone(),
+                container_id: req.container_id.clone(),
+                phase: Phase::Pending,
+                last_error: None,
+                since: SystemTime::now(),
+            });
+            let rec = Record {
+                uid: req.id.uid.clone(),
+                namespace: req.id.namespace.clone(),
+                name: req.id.name.clone(),
+                netns_path: path,
+                netns_inode: netns.id().ino,
+            };
+            if let Err(e) = self.store.save(&rec) {
+                warn!(error = %e, "cannot record the pod's netns (a restart will scan /proc for it)");
+            }
+            self.announce(&req.id).await
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Tells ztunnel about a held pod and finishes its enrolment; the pod stays
+    /// pending on failure (retried later).
+    pub async fn announce(&self, id: &PodId) -> Result<(), EnrollError> {
+        let Some(held) = self.table.get(&id.uid) else {
+            return Ok(());
+        };
+        let Some(netns) = held.netns.clone() else {
+            return Err(EnrollError::Netns {
+                pod: id.clone(),
+                msg: "netns unknown".into(),
+            });
+        };
+        let failure = match self.zds.get() {
+            None => Some("no ztunnel connection (ZDS socket not open yet)".to_owned()),
+            Some(zds) => {
+                let sent = tokio::time::timeout(
+                    self.zds_timeout,
+                    zds.add_workload(&id.uid, held.workload_info(), &netns),
+                )
+                .await;
+                match sent {
+                    Ok(Ok(())) => None,
+                    Ok(Err(e)) => Some(e.to_string()),
+                    Err(_) => Some(format!("no ack within {:?}", self.zds_timeout)),
+                }
+            }
+        };
+        if let Some(msg) = failure {
+            self.table.update(&id.uid, |h| {
+                h.last_error = Some(msg.clone());
+            });
+            let _ = self.status.set(id, Some(Phase::Pending.as_str())).await;
+            let _ = self.status.event(id, "EnrollmentFailed", &msg).await;
+            warn!(error = %msg, "ztunnel did not take the pod; it stays pending");
+            return Err(EnrollError::Ztunnel {
+                pod: id.clone(),
+                msg,
+            });
+        }
+        if let Err(e) = self.probes.upsert(&id.uid, &held.ips) {
+            warn!(error = %e, "cannot add the pod's IPs to the host probe set");
+        }
+        self.table.update(&id.uid, |h| {
+            h.phase = Phase::Enabled;
+            h.last_error = None;
+            h.since = SystemTime::now();
+        });
+        if let Err(e) = self.status.set(id, Some(Phase::Enabled.as_str())).await {
+            warn!(error = %e, "cannot annotate the pod");
+        }
+        info!("pod enrolled");
+        Ok(())
+    }
+
+    async fn apply_rules(
+        &self,
+        id: &PodId,
+        netns: &Arc<Netns>,
+        cfg: &InpodConfig,
+    ) -> Result<(), EnrollError> {
+        let (r, ns, c) = (self.redirector.clone(), netns.clone(), cfg.clone());
+        tokio::task::spawn_blocking(move || r.apply(&ns, &c))
+            .await
+            .map_err(|e| e.to_string())
+            .and_then(|r| r.map_err(|e| e.to_string()))
+            .map_err(|msg| EnrollError::Rules {
+                pod: id.clone(),
+                msg,
+            })
+    }
+
+    /// Takes a pod out of the mesh. `deleted`: the pod (and its netns) is going
+    /// away, so its rules are left to die with it.
+    pub async fn remove(&self, id: &PodId, deleted: bool) -> Result<(), EnrollError> {
+        let span = info_span!("release", namespace = %id.namespace, pod = %id.name, uid = %id.uid);
+        async {
+            let lock = self.pod_lock(&id.uid);
+            let _guard = lock.lock().await;
+            let Some(held) = self.table.take(&id.uid) else {
+                return Ok(());
+            };
+            if let Err(e) = self.probes.remove(&id.uid) {
+                warn!(error = %e, "cannot remove the pod's IPs from the host probe set");
+            }
+            if !deleted {
+                if let Some(ns) = held.netns.clone() {
+                    let (r, cfg) = (self.redirector.clone(), held.cfg.clone());
+                    let res = tokio::task::spawn_blocking(move || r.remove(&ns, &cfg))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
+                    if let Err(msg) = res {
+                        // Keep holding it so the removal is retried.
+                        self.table.put(held);
+                        return Err(EnrollError::Rules { pod: id.clone(), msg });
+                    }
+                }
+            }
+            if let Some(zds) = self.zds.get() {
+                if let Err(e) = zds.del_workload(&id.uid).await {
+                    warn!(error = %e, "ztunnel did not ack DelWorkload (it drains the pod on its next snapshot)");
+                }
+            }
+            self.store.remove(&id.uid);
+            if let Err(e) = self.status.set(id, None).await {
+                warn!(error = %e, "cannot remove the pod's annotation");
+            }
+            info!(deleted, "pod released");
+            Ok(())
+        }
+        .instrument(span)
+        .await
+    }
+
+    /// Re-applies rules for a held pod (reconciliation); idempotent.
+    pub async fn reapply(&self, held: &Held) -> Result<(), EnrollError> {
+        match &held.netns {
+            Some(ns) => self.apply_rules(&held.id, ns, &held.cfg).await,
+            None => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,8 @@
+//! The enrolment pipeline: which pods the agent holds, and how one enters or leaves the mesh.
+
+pub mod controller;
+pub mod enroller;
+pub mod hooks;
+pub mod kube_status;
+pub mod persist;
+pub mod table;
