@@ -69,6 +69,27 @@ pub fn redirector_from(choice: BackendChoice) -> anyhow::Result<Redirector> {
     Ok(Redirector::new(b))
 }
 
+/// The host probe set: native nf_tables keyed on the kubelet's uid; none on a host without a kubelet.
+fn host_probes(args: &RunArgs) -> Arc<dyn crate::mesh::hooks::ProbeSet> {
+    let Some(uid) = crate::mesh::host_probe::kubelet_uid(&args.host_proc) else {
+        warn!("no kubelet process found: host probe SNAT not installed (kubelet probes to mesh pods would be redirected)");
+        return Arc::new(NoProbeSet);
+    };
+    let cfg = iptables_rules::config::HostProbeConfig {
+        ipv6: args.ambient_ipv6,
+        probe_snat_v4: args.host_probe_snat_ip,
+        probe_snat_v6: args.host_probe_snat_ipv6,
+        kubelet_uid: Some(uid),
+    };
+    match crate::mesh::host_probe::NftProbeSet::install(&cfg) {
+        Ok(p) => Arc::new(p),
+        Err(e) => {
+            error!(error = %e, "host probe SNAT not installed");
+            Arc::new(NoProbeSet)
+        }
+    }
+}
+
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
     info!(node = %args.node_name, "starting ambient-cni-agent");
     let policy = policy_from(&args)?;
@@ -87,12 +108,13 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let store = Store::open(args.run_dir.join("pods"))
         .with_context(|| format!("state directory {}", args.run_dir.display()))?;
     let host = Netns::host_id(&args.host_proc).context("cannot identify the host netns")?;
+    let probes = host_probes(&args);
     let table = Arc::new(Table::default());
     let enroller = Arc::new(Enroller::new(
         table,
         Effects {
             redirector,
-            probes: Arc::new(NoProbeSet),
+            probes,
             status: Arc::new(NoStatus),
             store,
         },

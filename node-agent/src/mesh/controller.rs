@@ -407,6 +407,7 @@ impl Controller {
             info!(pod = %id, "dropping a pod deleted or released while the agent was down");
             self.enroller.store().remove(&rec.uid);
         }
+        self.enroller.resync_probes();
         info!(
             held = self.enroller.table.all().len(),
             reapplied,

@@ -350,6 +350,19 @@ impl Enroller {
         .await
     }
 
+    /// Makes the host probe set hold exactly the held pods' IPs (after a restart).
+    pub fn resync_probes(&self) {
+        let held: Vec<(String, Vec<IpAddr>)> = self
+            .table
+            .all()
+            .into_iter()
+            .map(|h| (h.id.uid, h.ips))
+            .collect();
+        if let Err(e) = self.probes.resync(&held) {
+            warn!(error = %e, "cannot resync the host probe set");
+        }
+    }
+
     /// Re-applies rules for a held pod (reconciliation); idempotent.
     pub async fn reapply(&self, held: &Held) -> Result<(), EnrollError> {
         match &held.netns {

@@ -12,6 +12,10 @@ pub trait ProbeSet: Send + Sync {
     fn upsert(&self, uid: &str, ips: &[IpAddr]) -> Result<(), String>;
     /// Removes the entries owned by pod `uid` (never another pod's reused IP).
     fn remove(&self, uid: &str) -> Result<(), String>;
+    /// After a restart: exactly these pods' entries remain.
+    fn resync(&self, held: &[(String, Vec<IpAddr>)]) -> Result<(), String> {
+        held.iter().try_for_each(|(uid, ips)| self.upsert(uid, ips))
+    }
 }
 
 /// No probe set (a host without kubelet probes, e.g. the local demo).

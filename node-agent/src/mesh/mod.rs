@@ -2,6 +2,7 @@
 
 pub mod controller;
 pub mod enroller;
+pub mod host_probe;
 pub mod hooks;
 pub mod kube_status;
 pub mod persist;

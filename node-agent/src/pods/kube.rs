@@ -333,6 +333,7 @@ mod tests {
         assert_eq!(
             v,
             json!({
+                "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"namespace": "ns", "name": "p", "uid": "u1", "resourceVersion": "7",
                     "labels": {"a": "b"}, "annotations": {"x": "y"}},
                 "spec": {"nodeName": "n1", "hostNetwork": true, "serviceAccountName": "sa", "containers": []},
