@@ -287,7 +287,7 @@ mod tests {
         let p = Policy::default();
         let ambient = labels(&[(DATAPLANE_MODE, "ambient")]);
         let plain = labels(&[]);
-        let mut with = |pod_labels: serde_json::Value| {
+        let with = |pod_labels: serde_json::Value| {
             let mut v = base("shop", "web");
             v["metadata"]["labels"] = pod_labels;
             pod(v)

@@ -218,6 +218,7 @@ async fn stock_ztunnel_snapshot_add_del_and_agent_restart() {
     assert_eq!(srv.connections(), 1);
     srv.shutdown().await;
     let log = w.log();
+    eprintln!("ztunnel log:\n{log}");
     assert!(!log.contains("protocol mismatch"), "{log}");
     assert!(!log.contains("Connection reset by peer"), "{log}");
     cleanup(&path);

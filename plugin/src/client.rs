@@ -64,9 +64,9 @@ async fn connect(socket: String) -> Result<Channel, AgentError> {
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let socket = socket.clone();
             async move {
-                let stream = tokio::net::UnixStream::connect(&socket).await.map_err(|e| {
-                    std::io::Error::new(e.kind(), format!("connect {socket}: {e}"))
-                })?;
+                let stream = tokio::net::UnixStream::connect(&socket)
+                    .await
+                    .map_err(|e| std::io::Error::new(e.kind(), format!("connect {socket}: {e}")))?;
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }
         }))

@@ -120,9 +120,8 @@ fn prev_result(conf: &NetConf) -> Result<CniResult, CniError> {
 
 /// `CNI_NETNS` must name a network namespace (an nsfs file) on ADD/CHECK.
 fn check_netns(path: &str) -> Result<(), CniError> {
-    let md = std::fs::metadata(Path::new(path)).map_err(|e| {
-        CniError::new(INVALID_ENV, format!("CNI_NETNS {path}: {e}"))
-    })?;
+    let md = std::fs::metadata(Path::new(path))
+        .map_err(|e| CniError::new(INVALID_ENV, format!("CNI_NETNS {path}: {e}")))?;
     // nsfs files are neither directories nor sockets; a regular file or dir is a mistake.
     let ft = md.file_type();
     if ft.is_dir() || ft.is_socket() || ft.is_fifo() {
@@ -236,12 +235,21 @@ where
     };
     // DEL never fails: the agent also learns of deletions from its pod source.
     if let Err(e) = make_agent(conf).del(req) {
-        log.log(LogLevel::Warn, "DEL: could not tell the agent", &[("error", &e.to_string())]);
+        log.log(
+            LogLevel::Warn,
+            "DEL: could not tell the agent",
+            &[("error", &e.to_string())],
+        );
     }
     String::new()
 }
 
-fn check<A, F>(env: &CniEnv, conf: &NetConf, pod: &PodArgs, make_agent: F) -> Result<String, CniError>
+fn check<A, F>(
+    env: &CniEnv,
+    conf: &NetConf,
+    pod: &PodArgs,
+    make_agent: F,
+) -> Result<String, CniError>
 where
     A: Agent,
     F: FnOnce(&NetConf) -> A,
@@ -262,7 +270,10 @@ where
     if resp.ok {
         Ok(String::new())
     } else {
-        Err(CniError::new(REDIRECTION_MISSING, "pod redirection is missing").with_details(resp.message))
+        Err(
+            CniError::new(REDIRECTION_MISSING, "pod redirection is missing")
+                .with_details(resp.message),
+        )
     }
 }
 

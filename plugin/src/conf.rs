@@ -98,7 +98,10 @@ impl NetConf {
             ));
         }
         if stdin.iter().all(u8::is_ascii_whitespace) {
-            return Err(CniError::new(DECODE, "empty network configuration on stdin"));
+            return Err(CniError::new(
+                DECODE,
+                "empty network configuration on stdin",
+            ));
         }
         let value: Value = serde_json::from_slice(stdin).map_err(|e| {
             CniError::new(DECODE, "network configuration is not valid JSON")
@@ -122,11 +125,17 @@ impl NetConf {
         };
         let name = string_key(&obj, "name", "")?;
         if name.is_empty() {
-            return Err(CniError::new(INVALID_CONFIG, "network configuration has no name"));
+            return Err(CniError::new(
+                INVALID_CONFIG,
+                "network configuration has no name",
+            ));
         }
         let plugin_type = string_key(&obj, "type", "")?;
         if plugin_type.is_empty() {
-            return Err(CniError::new(INVALID_CONFIG, "network configuration has no type"));
+            return Err(CniError::new(
+                INVALID_CONFIG,
+                "network configuration has no type",
+            ));
         }
         let exclude_namespaces = match obj.get("exclude_namespaces") {
             None | Some(Value::Null) => vec!["kube-system".to_owned()],
@@ -158,9 +167,8 @@ impl NetConf {
             },
         };
         let level = string_key(&obj, "log_level", "info")?;
-        let log_level = LogLevel::parse(&level).ok_or_else(|| {
-            CniError::new(INVALID_CONFIG, format!("unknown log_level {level:?}"))
-        })?;
+        let log_level = LogLevel::parse(&level)
+            .ok_or_else(|| CniError::new(INVALID_CONFIG, format!("unknown log_level {level:?}")))?;
         let agent_socket = string_key(&obj, "agent_socket", DEFAULT_AGENT_SOCKET)?;
         if agent_socket.is_empty() {
             return Err(CniError::new(INVALID_CONFIG, "agent_socket is empty"));
@@ -222,11 +230,26 @@ mod tests {
             (r#"{"cniVersion":"9.9.9","name":"x","type":"y"}"#, 1),
             (r#"{"name":"x","type":"y"}"#, 1),
             (r#"{"cniVersion":1,"name":"x","type":"y"}"#, 7),
-            (r#"{"cniVersion":"1.0.0","name":"x","type":"y","timeout_ms":0}"#, 7),
-            (r#"{"cniVersion":"1.0.0","name":"x","type":"y","timeout_ms":"5"}"#, 7),
-            (r#"{"cniVersion":"1.0.0","name":"x","type":"y","exclude_namespaces":"a"}"#, 7),
-            (r#"{"cniVersion":"1.0.0","name":"x","type":"y","log_level":"loud"}"#, 7),
-            (r#"{"cniVersion":"1.0.0","name":"x","type":"y","agent_socket":""}"#, 7),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","type":"y","timeout_ms":0}"#,
+                7,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","type":"y","timeout_ms":"5"}"#,
+                7,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","type":"y","exclude_namespaces":"a"}"#,
+                7,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","type":"y","log_level":"loud"}"#,
+                7,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","type":"y","agent_socket":""}"#,
+                7,
+            ),
         ];
         for (input, code) in cases {
             assert_eq!(parse(input).unwrap_err().code, code, "{input:?}");

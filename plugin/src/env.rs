@@ -88,7 +88,10 @@ impl CniEnv {
         } else {
             Err(CniError::new(
                 INVALID_ENV,
-                format!("required environment variables missing: {}", missing.join(", ")),
+                format!(
+                    "required environment variables missing: {}",
+                    missing.join(", ")
+                ),
             ))
         }
     }

@@ -67,7 +67,10 @@ impl CniError {
         };
         // Serialising plain strings and integers cannot fail.
         serde_json::to_string(&wire).unwrap_or_else(|_| {
-            format!(r#"{{"cniVersion":"{cni_version}","code":{},"msg":"error"}}"#, self.code)
+            format!(
+                r#"{{"cniVersion":"{cni_version}","code":{},"msg":"error"}}"#,
+                self.code
+            )
         })
     }
 }

@@ -42,7 +42,10 @@ fn array_of_objects<'a>(
         None | Some(Value::Null) => Ok(Vec::new()),
         Some(Value::Array(items)) => items
             .iter()
-            .map(|i| i.as_object().ok_or_else(|| bad(format!("{key} entries must be objects"))))
+            .map(|i| {
+                i.as_object()
+                    .ok_or_else(|| bad(format!("{key} entries must be objects")))
+            })
             .collect(),
         Some(_) => Err(bad(format!("{key} must be an array"))),
     }
@@ -61,7 +64,8 @@ impl CniResult {
                 .get("address")
                 .and_then(Value::as_str)
                 .ok_or_else(|| bad("an ip has no address"))?;
-            let parsed = parse_cidr(addr).ok_or_else(|| bad(format!("invalid address {addr:?}")))?;
+            let parsed =
+                parse_cidr(addr).ok_or_else(|| bad(format!("invalid address {addr:?}")))?;
             if let Some(gw) = ip.get("gateway").filter(|g| !g.is_null()) {
                 gw.as_str()
                     .and_then(|g| g.parse::<IpAddr>().ok())
@@ -90,7 +94,8 @@ impl CniResult {
                 .ok_or_else(|| bad("a route has no valid dst"))?;
         }
         if let Some(dns) = obj.get("dns").filter(|d| !d.is_null()) {
-            dns.as_object().ok_or_else(|| bad("dns must be an object"))?;
+            dns.as_object()
+                .ok_or_else(|| bad("dns must be an object"))?;
         }
         Ok(Self { obj })
     }
@@ -121,7 +126,10 @@ impl CniResult {
                         .and_then(Value::as_str)
                         .and_then(parse_cidr)
                         .is_some_and(|a| a.is_ipv4());
-                    ip.insert("version".into(), Value::String(if v4 { "4" } else { "6" }.into()));
+                    ip.insert(
+                        "version".into(),
+                        Value::String(if v4 { "4" } else { "6" }.into()),
+                    );
                 } else {
                     ip.remove("version");
                 }
@@ -176,8 +184,12 @@ mod tests {
 
     #[test]
     fn legacy_to_1x_drops_versions_and_round_trips() {
-        let legacy = CniResult::decode(&spec_example_1x()).unwrap().convert(SpecVersion::V031);
-        let back = CniResult::decode(&legacy).unwrap().convert(SpecVersion::V100);
+        let legacy = CniResult::decode(&spec_example_1x())
+            .unwrap()
+            .convert(SpecVersion::V031);
+        let back = CniResult::decode(&legacy)
+            .unwrap()
+            .convert(SpecVersion::V100);
         assert!(back["ips"][0].get("version").is_none());
         assert_eq!(back["ips"], spec_example_1x()["ips"]);
         assert_eq!(back["cniVersion"], "1.0.0");

@@ -87,7 +87,14 @@ fn main() {
     let bin = plugin();
     let dir = TempDir::new("acni-bench");
     // The asked pod exists outside the mesh: one agent round trip, "not in mesh".
-    ambient_cni_tests::write_pod(&dir.join("pods"), "shop", "web-0", "u1", None, serde_json::json!({}));
+    ambient_cni_tests::write_pod(
+        &dir.join("pods"),
+        "shop",
+        "web-0",
+        "u1",
+        None,
+        serde_json::json!({}),
+    );
     let agent = AgentProcess::start(&dir.0, &[]);
     let sock = agent.socket.clone();
     let mut entry = plugin_entry(&sock, 5000);

@@ -92,11 +92,17 @@ impl Chain {
     }
 
     fn version(&self) -> String {
-        self.conflist["cniVersion"].as_str().unwrap_or_default().to_owned()
+        self.conflist["cniVersion"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
     }
 
     fn plugins(&self) -> Vec<Value> {
-        self.conflist["plugins"].as_array().cloned().unwrap_or_default()
+        self.conflist["plugins"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
     }
 
     fn find(&self, ty: &str) -> PathBuf {
@@ -132,7 +138,13 @@ impl Chain {
     }
 
     /// Execs one plugin for `cmd`.
-    pub fn exec_one(&self, cmd: &str, plugin: &Value, att: &Attachment, prev: Option<&Value>) -> Exec {
+    pub fn exec_one(
+        &self,
+        cmd: &str,
+        plugin: &Value,
+        att: &Attachment,
+        prev: Option<&Value>,
+    ) -> Exec {
         let ty = plugin["type"].as_str().unwrap_or_default();
         let conf = self.plugin_conf(plugin, prev);
         let cni_path = self
@@ -149,7 +161,12 @@ impl Chain {
             ("CNI_ARGS", att.args.as_str()),
             ("CNI_PATH", cni_path.as_str()),
         ];
-        exec_plugin(&self.find(ty), &env, conf.to_string().as_bytes(), self.limit)
+        exec_plugin(
+            &self.find(ty),
+            &env,
+            conf.to_string().as_bytes(),
+            self.limit,
+        )
     }
 
     /// ADD through the whole list; returns every plugin's result in order, or the failing exec.

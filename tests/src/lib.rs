@@ -317,11 +317,14 @@ impl AgentProcess {
             .arg(dir.join("run"))
             .args(["--pod-source", "local", "--local-pods-dir"])
             .arg(dir.join("pods"))
-            .args(["--install-cni=false", "--log-level", "info,ambient_cni_agent=debug"])
+            .arg("--install-cni=false")
             .args(extra)
             .env("NODE_NAME", "test-node")
             .stdout(logf.try_clone().expect("log fd"))
             .stderr(logf);
+        if !extra.contains(&"--log-level") {
+            cmd.args(["--log-level", "info,ambient_cni_agent=debug"]);
+        }
         let child = cmd.spawn().expect("spawn agent");
         let mut me = Self {
             child,
@@ -370,7 +373,14 @@ pub fn write_namespace(pods_dir: &Path, name: &str, labels: Value) {
 }
 
 /// Writes a running Pod object into a local pod source directory; returns its file stem.
-pub fn write_pod(pods_dir: &Path, ns: &str, name: &str, uid: &str, ip: Option<&str>, labels: Value) -> String {
+pub fn write_pod(
+    pods_dir: &Path,
+    ns: &str,
+    name: &str,
+    uid: &str,
+    ip: Option<&str>,
+    labels: Value,
+) -> String {
     let mut obj = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"namespace": ns, "name": name, "uid": uid, "labels": labels},
@@ -435,7 +445,10 @@ impl Standin {
 
     /// Events of a kind.
     pub fn events_of(&self, kind: &str) -> Vec<Value> {
-        self.events().into_iter().filter(|e| e["event"] == kind).collect()
+        self.events()
+            .into_iter()
+            .filter(|e| e["event"] == kind)
+            .collect()
     }
 
     /// Waits until `n` events of `kind` have been seen.

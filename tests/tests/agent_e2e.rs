@@ -27,10 +27,18 @@ struct Mesh {
 impl Mesh {
     fn new(backend: &'static str, subnet: u8, standin_flags: &[&str]) -> Self {
         let dir = TempDir::new("acni-e2e");
-        write_namespace(&dir.join("pods"), "mesh", json!({"istio.io/dataplane-mode": "ambient"}));
+        write_namespace(
+            &dir.join("pods"),
+            "mesh",
+            json!({"istio.io/dataplane-mode": "ambient"}),
+        );
         write_namespace(&dir.join("pods"), "plain", json!({}));
         let agent = AgentProcess::start(&dir.0, &["--rules-backend", backend]);
-        let standin = Standin::start(&dir.join("ztunnel.sock"), &dir.join("standin.jsonl"), standin_flags);
+        let standin = Standin::start(
+            &dir.join("ztunnel.sock"),
+            &dir.join("standin.jsonl"),
+            standin_flags,
+        );
         assert!(
             standin.wait_count("snapshot_sent", 1, LONG),
             "stand-in got no snapshot: {:?}",
@@ -68,7 +76,11 @@ impl Mesh {
     }
 
     /// Writes the pod object, then runs the chain ADD for it in a fresh netns.
-    fn add_pod(&self, ns: &str, name: &str) -> (NamedNetns, Attachment, Result<Vec<Value>, (usize, Exec)>) {
+    fn add_pod(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> (NamedNetns, Attachment, Result<Vec<Value>, (usize, Exec)>) {
         let netns = NamedNetns::new();
         let uid = format!("{}-{name}", netns.name());
         write_pod(&self.dir.join("pods"), ns, name, &uid, None, json!({}));
@@ -79,7 +91,11 @@ impl Mesh {
 }
 
 fn uid_of(att: &Attachment) -> String {
-    att.args.rsplit("K8S_POD_UID=").next().unwrap_or_default().to_owned()
+    att.args
+        .rsplit("K8S_POD_UID=")
+        .next()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn inode(ns: &NamedNetns) -> u64 {
@@ -104,10 +120,14 @@ fn connect_from(ns: &NamedNetns, to: &str) -> Result<String, String> {
     let h = Netns::open(Path::new(&ns.path()), None).map_err(|e| e.to_string())?;
     let to: SocketAddr = to.parse().map_err(|e| format!("{e}"))?;
     h.run(move || {
-        let s = TcpStream::connect_timeout(&to, Duration::from_secs(2)).map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+        let s =
+            TcpStream::connect_timeout(&to, Duration::from_secs(2)).map_err(|e| e.to_string())?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))
+            .map_err(|e| e.to_string())?;
         let mut line = String::new();
-        BufReader::new(s).read_line(&mut line).map_err(|e| e.to_string())?;
+        BufReader::new(s)
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
         Ok(line.trim().to_owned())
     })
     .map_err(|e| e.to_string())?
@@ -116,7 +136,9 @@ fn connect_from(ns: &NamedNetns, to: &str) -> Result<String, String> {
 fn rules_count(ns: &NamedNetns, backend: &str) -> usize {
     if backend == "nftables" {
         let out = ns.exec(&["nft", "list", "tables"]);
-        String::from_utf8_lossy(&out.stdout).matches("istio-ambient-nat").count()
+        String::from_utf8_lossy(&out.stdout)
+            .matches("istio-ambient-nat")
+            .count()
     } else {
         let out = ns.exec(&["iptables-save", "-t", "nat"]);
         String::from_utf8_lossy(&out.stdout)
@@ -129,12 +151,19 @@ fn rules_count(ns: &NamedNetns, backend: &str) -> usize {
 fn captured_then_released(backend: &'static str, subnet: u8) {
     let mesh = Mesh::new(backend, subnet, &[]);
     let (pod, att, res) = mesh.add_pod("mesh", "web");
-    let results = res.unwrap_or_else(|(i, e)| panic!("ADD plugin {i}: {e:?}\nagent: {}", mesh.agent().log_text()));
+    let results = res.unwrap_or_else(|(i, e)| {
+        panic!("ADD plugin {i}: {e:?}\nagent: {}", mesh.agent().log_text())
+    });
     assert_eq!(results[1], results[0], "output is the prevResult");
     let uid = uid_of(&att);
 
     // ztunnel (stand-in) got the pod with an fd of its very netns.
-    let adds: Vec<Value> = mesh.standin().events_of("add").into_iter().filter(|e| e["uid"] == uid.as_str()).collect();
+    let adds: Vec<Value> = mesh
+        .standin()
+        .events_of("add")
+        .into_iter()
+        .filter(|e| e["uid"] == uid.as_str())
+        .collect();
     assert_eq!(adds.len(), 1, "{adds:?}");
     assert_eq!(adds[0]["netns_inode"], inode(&pod));
     assert_eq!(adds[0]["namespace"], "mesh");
@@ -142,22 +171,36 @@ fn captured_then_released(backend: &'static str, subnet: u8) {
     assert_eq!(rules_count(&pod, backend), 1, "rules installed once");
     let ports = listening(&pod);
     for p in [15001, 15006, 15008] {
-        assert!(ports.contains(&p), "stand-in listens on {p} in the pod: {ports:?}");
+        assert!(
+            ports.contains(&p),
+            "stand-in listens on {p} in the pod: {ports:?}"
+        );
     }
     // The pod's outbound TCP lands on the proxy with its original destination.
     let to = format!("{}:80", mesh.gateway());
     let line = connect_from(&pod, &to).expect("connect");
-    assert!(line.contains("port=15001") && line.contains(&format!("orig={to}")), "{line}");
+    assert!(
+        line.contains("port=15001") && line.contains(&format!("orig={to}")),
+        "{line}"
+    );
 
     // DEL: ztunnel is told, its listeners go.
     let chain = mesh.chain(5000);
     chain.del(&att, Some(&results[1])).expect("DEL");
     assert!(
-        wait_for(LONG, || mesh.standin().events().iter().any(|e| (e["event"] == "del" || e["event"] == "drained") && e["uid"] == uid.as_str())),
+        wait_for(LONG, || mesh.standin().events().iter().any(|e| (e
+            ["event"]
+            == "del"
+            || e["event"] == "drained")
+            && e["uid"] == uid.as_str())),
         "no del: {:?}",
         mesh.standin().events()
     );
-    assert!(wait_for(LONG, || listening(&pod).is_empty()), "{:?}", listening(&pod));
+    assert!(
+        wait_for(LONG, || listening(&pod).is_empty()),
+        "{:?}",
+        listening(&pod)
+    );
 }
 
 #[test]
@@ -206,16 +249,29 @@ fn agent_kill_9_and_restart_resends_a_full_snapshot() {
     assert!(pods.iter().all(|(ns, _)| rules_count(ns, "nftables") == 1));
     // Two pods are deleted while the agent is down.
     for (_, att) in &pods[18..] {
-        let name = att.args.split("K8S_POD_NAME=").nth(1).and_then(|s| s.split(';').next()).unwrap_or_default();
+        let name = att
+            .args
+            .split("K8S_POD_NAME=")
+            .nth(1)
+            .and_then(|s| s.split(';').next())
+            .unwrap_or_default();
         delete_pod(&mesh.dir.join("pods"), &format!("mesh_{name}"));
     }
     let snapshots_before = mesh.standin().events_of("snapshot_sent").len();
     let agent = AgentProcess::start(&mesh.dir.0, &["--rules-backend", "nftables"]);
     mesh.agent = Some(agent);
-    assert!(mesh.standin().wait_count("snapshot_sent", snapshots_before + 1, LONG), "{}", mesh.agent().log_text());
+    assert!(
+        mesh.standin()
+            .wait_count("snapshot_sent", snapshots_before + 1, LONG),
+        "{}",
+        mesh.agent().log_text()
+    );
     // The snapshot of the new connection: the 18 live pods, each with its own netns.
     let events = mesh.standin().events();
-    let last_connect = events.iter().rposition(|e| e["event"] == "connected").expect("connected");
+    let last_connect = events
+        .iter()
+        .rposition(|e| e["event"] == "connected")
+        .expect("connected");
     let snapshot: Vec<&Value> = events[last_connect..]
         .iter()
         .filter(|e| e["event"] == "add" && e["phase"] == "snapshot")
@@ -223,21 +279,32 @@ fn agent_kill_9_and_restart_resends_a_full_snapshot() {
     assert_eq!(snapshot.len(), 18, "{snapshot:?}");
     for (ns, att) in &pods[..18] {
         let uid = uid_of(att);
-        let e = snapshot.iter().find(|e| e["uid"] == uid.as_str()).unwrap_or_else(|| panic!("{uid} missing"));
+        let e = snapshot
+            .iter()
+            .find(|e| e["uid"] == uid.as_str())
+            .unwrap_or_else(|| panic!("{uid} missing"));
         assert_eq!(e["netns_inode"], inode(ns), "{uid}");
         assert_eq!(e["result"], "noop", "ztunnel keeps the same proxy");
     }
-    let after: Vec<&Value> = events[last_connect..].iter().filter(|e| e["event"] == "snapshot_sent").collect();
+    let after: Vec<&Value> = events[last_connect..]
+        .iter()
+        .filter(|e| e["event"] == "snapshot_sent")
+        .collect();
     assert_eq!(after.len(), 1, "exactly one SnapshotSent per connection");
     // The two deleted pods are drained by ztunnel, and rules were not duplicated.
     for (_, att) in &pods[18..] {
         let uid = uid_of(att);
         assert!(
-            mesh.standin().events().iter().any(|e| e["event"] == "drained" && e["uid"] == uid.as_str()),
+            mesh.standin()
+                .events()
+                .iter()
+                .any(|e| e["event"] == "drained" && e["uid"] == uid.as_str()),
             "{uid} not drained"
         );
     }
-    assert!(pods[..18].iter().all(|(ns, _)| rules_count(ns, "nftables") == 1));
+    assert!(pods[..18]
+        .iter()
+        .all(|(ns, _)| rules_count(ns, "nftables") == 1));
 }
 
 #[test]
@@ -253,13 +320,19 @@ fn standin_restart_gets_the_full_snapshot() {
         pods.push((ns, att));
     }
     mesh.standin = None;
-    let second = Standin::start(&mesh.dir.join("ztunnel.sock"), &mesh.dir.join("standin2.jsonl"), &[]);
+    let second = Standin::start(
+        &mesh.dir.join("ztunnel.sock"),
+        &mesh.dir.join("standin2.jsonl"),
+        &[],
+    );
     assert!(second.wait_count("snapshot_sent", 1, LONG));
     let adds = second.events_of("add");
     assert_eq!(adds.len(), 3, "{adds:?}");
     for (ns, att) in &pods {
         let uid = uid_of(att);
-        assert!(adds.iter().any(|e| e["uid"] == uid.as_str() && e["netns_inode"] == inode(ns)));
+        assert!(adds
+            .iter()
+            .any(|e| e["uid"] == uid.as_str() && e["netns_inode"] == inode(ns)));
     }
 }
 
@@ -273,16 +346,29 @@ fn nack_fails_the_add_and_a_retry_succeeds() {
     let (idx, exec) = res.expect_err("ztunnel nacked: ADD must fail");
     assert_eq!(idx, 1);
     let v = exec.assert_error(11);
-    assert!(v["msg"].as_str().unwrap_or_default().contains("ztunnel"), "{v}");
+    assert!(
+        v["msg"].as_str().unwrap_or_default().contains("ztunnel"),
+        "{v}"
+    );
     // The runtime cleans up the failed sandbox and retries; a healthy ztunnel takes it.
     let chain = mesh.chain(5000);
     chain.del(&att, None).expect("DEL");
-    mesh.standin = Some(Standin::start(&mesh.dir.join("ztunnel.sock"), &mesh.dir.join("standin-ok.jsonl"), &[]));
+    mesh.standin = Some(Standin::start(
+        &mesh.dir.join("ztunnel.sock"),
+        &mesh.dir.join("standin-ok.jsonl"),
+        &[],
+    ));
     // Only the new stand-in may be connected.
     std::thread::sleep(Duration::from_millis(200));
-    let results = chain.add(&att).unwrap_or_else(|(i, e)| panic!("retry ADD {i}: {e:?}\n{}", mesh.agent().log_text()));
+    let results = chain
+        .add(&att)
+        .unwrap_or_else(|(i, e)| panic!("retry ADD {i}: {e:?}\n{}", mesh.agent().log_text()));
     assert_eq!(results[1], results[0]);
-    assert_eq!(rules_count(&pod, "nftables"), 1, "not duplicated by the retry");
+    assert_eq!(
+        rules_count(&pod, "nftables"),
+        1,
+        "not duplicated by the retry"
+    );
     let line = connect_from(&pod, &format!("{}:80", mesh.gateway())).expect("connect");
     assert!(line.contains("port=15001"), "{line}");
 }
@@ -293,18 +379,43 @@ fn stalled_ztunnel_fails_the_add_within_the_plugin_timeout() {
         return;
     }
     let dir = TempDir::new("acni-stall");
-    write_namespace(&dir.join("pods"), "mesh", json!({"istio.io/dataplane-mode": "ambient"}));
+    write_namespace(
+        &dir.join("pods"),
+        "mesh",
+        json!({"istio.io/dataplane-mode": "ambient"}),
+    );
     let _agent = AgentProcess::start(&dir.0, &["--rules-backend", "nftables"]);
-    let standin = Standin::start(&dir.join("ztunnel.sock"), &dir.join("standin.jsonl"), &["--stall-after", "1"]);
+    let standin = Standin::start(
+        &dir.join("ztunnel.sock"),
+        &dir.join("standin.jsonl"),
+        &["--stall-after", "1"],
+    );
     assert!(standin.wait_count("snapshot_sent", 1, LONG));
     let bridge = HostLink(unique("acbr"));
-    let chain = Chain::bridge_then("1.0.0", &bridge.0, "10.98.47.0/24", &dir.0, plugin_entry(&dir.join("plugin.sock"), 5000));
+    let chain = Chain::bridge_then(
+        "1.0.0",
+        &bridge.0,
+        "10.98.47.0/24",
+        &dir.0,
+        plugin_entry(&dir.join("plugin.sock"), 5000),
+    );
     let netns = NamedNetns::new();
-    write_pod(&dir.join("pods"), "mesh", "slow", "uid-slow", None, json!({}));
+    write_pod(
+        &dir.join("pods"),
+        "mesh",
+        "slow",
+        "uid-slow",
+        None,
+        json!({}),
+    );
     let att = Attachment::pod(&netns.path(), "mesh", "slow", "uid-slow");
     let (_, exec) = chain.add(&att).expect_err("stalled ztunnel");
     exec.assert_error(11);
-    assert!(exec.elapsed < Duration::from_millis(5500), "{:?}", exec.elapsed);
+    assert!(
+        exec.elapsed < Duration::from_millis(5500),
+        "{:?}",
+        exec.elapsed
+    );
     chain.del(&att, None).expect("DEL");
 }
 
@@ -328,8 +439,15 @@ fn oversized_zds_message_is_refused_before_sending() {
     let att = Attachment::pod(&netns.path(), "mesh", "big", &uid);
     let (_, exec) = mesh.chain(5000).add(&att).expect_err("too large");
     exec.assert_error(11);
-    assert!(exec.stdout.contains("1024") || exec.stdout.contains("large"), "{}", exec.stdout);
-    assert!(mesh.standin().events_of("add").is_empty(), "nothing reached ztunnel");
+    assert!(
+        exec.stdout.contains("1024") || exec.stdout.contains("large"),
+        "{}",
+        exec.stdout
+    );
+    assert!(
+        mesh.standin().events_of("add").is_empty(),
+        "nothing reached ztunnel"
+    );
     // The connection is intact: a normal pod still works.
     let (_ns, _att, res) = mesh.add_pod("mesh", "small");
     res.unwrap_or_else(|(i, e)| panic!("ADD {i}: {e:?}"));

@@ -27,7 +27,13 @@ fn pod_addrs(ns: &NamedNetns) -> Vec<String> {
 
 fn chain_for(version: &str, idx: u8, entry: Value, ipam: &TempDir) -> (Chain, HostLink) {
     let bridge = unique("acbr");
-    let chain = Chain::bridge_then(version, &bridge, &format!("10.99.{idx}.0/24"), &ipam.0, entry);
+    let chain = Chain::bridge_then(
+        version,
+        &bridge,
+        &format!("10.99.{idx}.0/24"),
+        &ipam.0,
+        entry,
+    );
     (chain, HostLink(bridge))
 }
 
@@ -38,7 +44,14 @@ fn chains_after_bridge_for_every_version() {
     }
     let dir = TempDir::new("acni-chain");
     // The pod exists but its namespace is not in the mesh: the agent answers "not in mesh".
-    write_pod(&dir.join("pods"), "shop", "web-0", "uid-web-0", None, serde_json::json!({}));
+    write_pod(
+        &dir.join("pods"),
+        "shop",
+        "web-0",
+        "uid-web-0",
+        None,
+        serde_json::json!({}),
+    );
     let agent = AgentProcess::start(&dir.0, &[]);
     let sock = agent.socket.clone();
     for (i, version) in VERSIONS.iter().enumerate() {
@@ -57,7 +70,10 @@ fn chains_after_bridge_for_every_version() {
         }
         // The bridge really configured the pod; we passed its result through.
         let addr = ours["ips"][0]["address"].as_str().expect("address");
-        assert!(pod_addrs(&ns).contains(&addr.to_owned()), "{version}: {addr} not on eth0");
+        assert!(
+            pod_addrs(&ns).contains(&addr.to_owned()),
+            "{version}: {addr} not on eth0"
+        );
         if *version != "0.3.0" && *version != "0.3.1" {
             chain
                 .check(&att, ours)
@@ -88,7 +104,11 @@ fn agent_down_fails_closed_but_pass_through_works() {
         let (idx, exec) = chain.add(&att).expect_err("ADD must fail closed");
         assert_eq!(idx, 1, "the bridge succeeded, ours failed");
         exec.assert_error(11);
-        assert!(exec.elapsed < Duration::from_millis(timeout_ms + 1000), "{:?}", exec.elapsed);
+        assert!(
+            exec.elapsed < Duration::from_millis(timeout_ms + 1000),
+            "{:?}",
+            exec.elapsed
+        );
         // The runtime cleans up with DEL, which never fails.
         chain.del(&att, None).expect("DEL with agent down");
         // Pass-through pods need no agent.
@@ -153,33 +173,94 @@ fn bad_input_gets_the_right_error() {
         ("10 MiB of garbage", add_env(NS, MESH_POD), garbage, 6),
         ("no type", add_env(NS, MESH_POD), no_type.into_bytes(), 7),
         ("no name", add_env(NS, MESH_POD), no_name.into_bytes(), 7),
-        ("unknown cniVersion", add_env(NS, MESH_POD), bad_version.into_bytes(), 1),
-        ("prevResult missing", add_env(NS, MESH_POD), no_prev.into_bytes(), 7),
-        ("prevResult malformed", add_env(NS, MESH_POD), bad_prev.into_bytes(), 6),
-        ("prevResult not an object", add_env(NS, MESH_POD), prev_not_obj.into_bytes(), 6),
-        ("CNI_COMMAND missing", add_env(NS, MESH_POD)[1..].to_vec(), good.clone().into_bytes(), 4),
+        (
+            "unknown cniVersion",
+            add_env(NS, MESH_POD),
+            bad_version.into_bytes(),
+            1,
+        ),
+        (
+            "prevResult missing",
+            add_env(NS, MESH_POD),
+            no_prev.into_bytes(),
+            7,
+        ),
+        (
+            "prevResult malformed",
+            add_env(NS, MESH_POD),
+            bad_prev.into_bytes(),
+            6,
+        ),
+        (
+            "prevResult not an object",
+            add_env(NS, MESH_POD),
+            prev_not_obj.into_bytes(),
+            6,
+        ),
+        (
+            "CNI_COMMAND missing",
+            add_env(NS, MESH_POD)[1..].to_vec(),
+            good.clone().into_bytes(),
+            4,
+        ),
         (
             "CNI_COMMAND unknown",
-            [vec![("CNI_COMMAND", "FROB")], add_env(NS, MESH_POD)[1..].to_vec()].concat(),
+            [
+                vec![("CNI_COMMAND", "FROB")],
+                add_env(NS, MESH_POD)[1..].to_vec(),
+            ]
+            .concat(),
             good.clone().into_bytes(),
             4,
         ),
         (
             "CNI_NETNS missing",
-            add_env(NS, MESH_POD).into_iter().filter(|(k, _)| *k != "CNI_NETNS").collect(),
+            add_env(NS, MESH_POD)
+                .into_iter()
+                .filter(|(k, _)| *k != "CNI_NETNS")
+                .collect(),
             good.clone().into_bytes(),
             4,
         ),
-        ("CNI_NETNS nowhere", add_env("/var/run/netns/acni-absent", MESH_POD), good.clone().into_bytes(), 4),
-        ("CNI_NETNS not a netns", add_env("/etc/hostname", MESH_POD), good.clone().into_bytes(), 4),
-        ("CNI_ARGS malformed", add_env(NS, "K8S_POD_NAME"), good.clone().into_bytes(), 4),
-        ("agent socket missing", add_env(NS, MESH_POD), good.clone().into_bytes(), 11),
-        ("agent socket empty", add_env(NS, MESH_POD), empty_socket.into_bytes(), 7),
+        (
+            "CNI_NETNS nowhere",
+            add_env("/var/run/netns/acni-absent", MESH_POD),
+            good.clone().into_bytes(),
+            4,
+        ),
+        (
+            "CNI_NETNS not a netns",
+            add_env("/etc/hostname", MESH_POD),
+            good.clone().into_bytes(),
+            4,
+        ),
+        (
+            "CNI_ARGS malformed",
+            add_env(NS, "K8S_POD_NAME"),
+            good.clone().into_bytes(),
+            4,
+        ),
+        (
+            "agent socket missing",
+            add_env(NS, MESH_POD),
+            good.clone().into_bytes(),
+            11,
+        ),
+        (
+            "agent socket empty",
+            add_env(NS, MESH_POD),
+            empty_socket.into_bytes(),
+            7,
+        ),
     ];
     for (what, env, stdin, code) in cases {
         let out = run(&env, &stdin);
         let v = out.assert_error(code);
-        assert!(out.elapsed < Duration::from_secs(5), "{what}: took {:?}", out.elapsed);
+        assert!(
+            out.elapsed < Duration::from_secs(5),
+            "{what}: took {:?}",
+            out.elapsed
+        );
         eprintln!("{what}: {v}");
     }
 }
@@ -196,11 +277,21 @@ fn agent_that_never_answers_times_out_with_11() {
             held.push(s);
         }
     });
-    let stdin = conf(&format!(r#","agent_socket":"{}","timeout_ms":300{PREV}"#, path.display()));
+    let stdin = conf(&format!(
+        r#","agent_socket":"{}","timeout_ms":300{PREV}"#,
+        path.display()
+    ));
     let out = run(&add_env(NS, MESH_POD), stdin.as_bytes());
     let v = out.assert_error(11);
-    assert!(v["msg"].as_str().unwrap_or_default().contains("300 ms"), "{v}");
-    assert!(out.elapsed < Duration::from_millis(1300), "{:?}", out.elapsed);
+    assert!(
+        v["msg"].as_str().unwrap_or_default().contains("300 ms"),
+        "{v}"
+    );
+    assert!(
+        out.elapsed < Duration::from_millis(1300),
+        "{:?}",
+        out.elapsed
+    );
 }
 
 #[test]
@@ -215,7 +306,10 @@ fn agent_that_answers_garbage_is_a_protocol_error() {
             std::thread::sleep(Duration::from_millis(50));
         }
     });
-    let stdin = conf(&format!(r#","agent_socket":"{}","timeout_ms":2000{PREV}"#, path.display()));
+    let stdin = conf(&format!(
+        r#","agent_socket":"{}","timeout_ms":2000{PREV}"#,
+        path.display()
+    ));
     let out = run(&add_env(NS, MESH_POD), stdin.as_bytes());
     out.assert_error(101);
     assert!(out.elapsed < Duration::from_secs(3), "{:?}", out.elapsed);
@@ -228,13 +322,24 @@ fn version_status_gc_and_version_gating() {
     let sock = agent.socket.clone();
     let out = run(&[("CNI_COMMAND", "VERSION")], b"");
     assert_eq!(out.code, 0);
-    assert_eq!(out.json()["supportedVersions"].as_array().map(Vec::len), Some(5));
+    assert_eq!(
+        out.json()["supportedVersions"].as_array().map(Vec::len),
+        Some(5)
+    );
 
     let v11 = |extra: &str| {
-        format!(r#"{{"cniVersion":"1.1.0","name":"k","type":"ambient-cni","agent_socket":"{}"{extra}}}"#, sock.display())
+        format!(
+            r#"{{"cniVersion":"1.1.0","name":"k","type":"ambient-cni","agent_socket":"{}"{extra}}}"#,
+            sock.display()
+        )
     };
     let status = run(&[("CNI_COMMAND", "STATUS")], v11("").as_bytes());
-    assert_eq!((status.code, status.stdout.as_str()), (0, ""), "{}", status.stderr);
+    assert_eq!(
+        (status.code, status.stdout.as_str()),
+        (0, ""),
+        "{}",
+        status.stderr
+    );
     let gc = v11(r#","cni.dev/valid-attachments":[{"containerID":"c1","ifname":"eth0"}]"#);
     let out = run(&[("CNI_COMMAND", "GC")], gc.as_bytes());
     assert_eq!((out.code, out.stdout.as_str()), (0, ""), "{}", out.stderr);
@@ -270,7 +375,10 @@ fn non_root_peer_is_refused_by_the_agent() {
     for p in [&dir.0, &sock] {
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o777)).expect("chmod");
     }
-    let stdin = conf(&format!(r#","agent_socket":"{}","timeout_ms":1000{PREV}"#, sock.display()));
+    let stdin = conf(&format!(
+        r#","agent_socket":"{}","timeout_ms":1000{PREV}"#,
+        sock.display()
+    ));
     let mut child = std::process::Command::new(plugin_bin())
         .uid(65534)
         .gid(65534)
@@ -291,7 +399,9 @@ fn non_root_peer_is_refused_by_the_agent() {
     let v: Value = serde_json::from_slice(&out.stdout).expect("error JSON");
     assert!(v["code"] == 11 || v["code"] == 101, "{v}");
     assert!(
-        wait_for(Duration::from_secs(2), || agent.log_text().contains("foreign uid")),
+        wait_for(Duration::from_secs(2), || agent
+            .log_text()
+            .contains("foreign uid")),
         "agent log: {}",
         agent.log_text()
     );

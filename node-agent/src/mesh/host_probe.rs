@@ -21,7 +21,9 @@ impl NftProbeSet {
     /// Installs the host rule (kept across agent restarts and upgrades) and returns the set handle.
     pub fn install(cfg: &HostProbeConfig) -> Result<Self, String> {
         let inner = NftHostProbe;
-        inner.apply(cfg).map_err(|e| format!("host probe rules: {e}"))?;
+        inner
+            .apply(cfg)
+            .map_err(|e| format!("host probe rules: {e}"))?;
         info!(kubelet_uid = ?cfg.kubelet_uid, "host probe SNAT installed");
         Ok(Self { inner })
     }
@@ -38,14 +40,20 @@ impl ProbeSet for NftProbeSet {
     }
 
     fn remove(&self, uid: &str) -> Result<(), String> {
-        self.inner.remove_uid(uid).map(|_| ()).map_err(|e| e.to_string())
+        self.inner
+            .remove_uid(uid)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
     }
 
     fn resync(&self, held: &[(String, Vec<IpAddr>)]) -> Result<(), String> {
         for (uid, ips) in held {
             self.upsert(uid, ips)?;
         }
-        let keep: Vec<IpAddr> = held.iter().flat_map(|(_, ips)| ips.iter().copied()).collect();
+        let keep: Vec<IpAddr> = held
+            .iter()
+            .flat_map(|(_, ips)| ips.iter().copied())
+            .collect();
         let pruned = self.inner.prune_except(&keep).map_err(|e| e.to_string())?;
         if !pruned.is_empty() {
             info!(?pruned, "pruned probe-set entries of pods no longer held");
@@ -60,11 +68,16 @@ pub fn kubelet_uid(host_proc: &Path) -> Option<u32> {
     let rd = std::fs::read_dir(host_proc).ok()?;
     for e in rd.flatten() {
         let name = e.file_name();
-        let Some(pid) = name.to_str().filter(|s| s.bytes().all(|b| b.is_ascii_digit())) else {
+        let Some(pid) = name
+            .to_str()
+            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
+        else {
             continue;
         };
         let dir = host_proc.join(pid);
-        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else { continue };
+        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
+            continue;
+        };
         let comm = comm.trim();
         let argv_ok = || {
             std::fs::read(dir.join("cmdline"))
@@ -101,11 +114,19 @@ mod tests {
             std::fs::create_dir_all(&d).unwrap();
             std::fs::write(d.join("comm"), format!("{comm}\n")).unwrap();
             std::fs::write(d.join("cmdline"), cmdline.replace(' ', "\0")).unwrap();
-            std::fs::write(d.join("status"), format!("Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n")).unwrap();
+            std::fs::write(
+                d.join("status"),
+                format!("Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"),
+            )
+            .unwrap();
         };
         mk("10", "bash", "bash -c kubelet", 5);
         mk("11", "kubelet", "/usr/bin/other", 6);
-        assert_eq!(kubelet_uid(&root), None, "comm and argv must both say kubelet");
+        assert_eq!(
+            kubelet_uid(&root),
+            None,
+            "comm and argv must both say kubelet"
+        );
         mk("12", "kubelet", "/usr/bin/kubelet --config x", 1000);
         assert_eq!(kubelet_uid(&root), Some(1000));
         std::fs::remove_dir_all(&root).unwrap();

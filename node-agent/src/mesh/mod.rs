@@ -2,8 +2,8 @@
 
 pub mod controller;
 pub mod enroller;
-pub mod host_probe;
 pub mod hooks;
+pub mod host_probe;
 pub mod kube_status;
 pub mod persist;
 pub mod table;

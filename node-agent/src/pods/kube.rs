@@ -65,12 +65,16 @@ impl KubeSource {
     }
 
     fn pod_watch_config(&self) -> watcher::Config {
-        // `Any`: lists are served from the API server's watch cache (resourceVersion=0),
-        // as client-go's informers do; a quorum read per node would scan all pods in etcd.
-        watcher::Config::default()
-            .fields(&format!("spec.nodeName={}", self.node_name))
-            .any_semantic()
+        cache_list(watcher::Config::default().fields(&format!("spec.nodeName={}", self.node_name)))
     }
+}
+
+/// Lists served from the API server's watch cache (`resourceVersion=0`, unpaged: the
+/// cache ignores limits), as client-go's informers list; a quorum read of one node's pods
+/// would scan every pod in etcd, once per node.
+fn cache_list(mut cfg: watcher::Config) -> watcher::Config {
+    cfg.page_size = None;
+    cfg.any_semantic()
 }
 
 /// Keeps only what the agent reads of a pod (identity, labels, annotations, node,
@@ -216,7 +220,7 @@ impl PodSource for KubeSource {
             .default_backoff()
             .map(|r| r.map(|ev| ev.modify(|p| *p = trim(std::mem::take(p)))));
         let namespaces =
-            watcher::watcher(ns_api, watcher::Config::default().any_semantic()).default_backoff();
+            watcher::watcher(ns_api, cache_list(watcher::Config::default())).default_backoff();
         let mut pods = std::pin::pin!(pods);
         let mut namespaces = std::pin::pin!(namespaces);
         let mut tracker = PodTracker::default();

@@ -1,0 +1,102 @@
+//! Rule backends: the same [`crate::model::Ruleset`] installed via iptables or native nftables.
+//!
+//! Every method runs on a thread that is already inside the target netns (the caller
+//! uses [`crate::netns::Netns::run`]); a backend never enters a netns itself.
+
+use std::fmt;
+use std::str::FromStr;
+
+use crate::config::InpodConfig;
+use crate::error::RulesError;
+
+pub mod iptables;
+pub mod nftables;
+
+/// Which backend installs the rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// `iptables-restore` (legacy or nf_tables flavour, detected once).
+    Iptables,
+    /// Native nf_tables over netlink (`inet istio-ambient-*` tables).
+    Nftables,
+}
+
+impl BackendKind {
+    /// Both kinds, iptables first.
+    pub const ALL: [BackendKind; 2] = [BackendKind::Iptables, BackendKind::Nftables];
+
+    /// The name used on the command line and in config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackendKind::Iptables => "iptables",
+            BackendKind::Nftables => "nftables",
+        }
+    }
+}
+
+impl fmt::Display for BackendKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for BackendKind {
+    type Err = RulesError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "iptables" => Ok(BackendKind::Iptables),
+            "nftables" => Ok(BackendKind::Nftables),
+            other => Err(RulesError::Config(format!(
+                "unknown rules backend {other:?} (expected iptables or nftables)"
+            ))),
+        }
+    }
+}
+
+/// One section of installed state, e.g. `ipv4 nat` with its normalized rule lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstalledSection {
+    /// What this is (`ipv4 mangle`, `inet istio-ambient-nat`, ...).
+    pub name: String,
+    /// Our rules/chains as the kernel reports them, normalized (no counters/handles).
+    pub lines: Vec<String>,
+}
+
+/// What a backend finds of our rules in the current netns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Installed {
+    /// Which backend looked.
+    pub backend: BackendKind,
+    /// Our state, per table/family; empty sections are omitted.
+    pub sections: Vec<InstalledSection>,
+    /// True if exactly the ruleset for the given config is installed.
+    pub matches_expected: bool,
+}
+
+impl Installed {
+    /// True if none of our rules or chains are present.
+    pub fn is_empty(&self) -> bool {
+        self.sections.iter().all(|s| s.lines.is_empty())
+    }
+}
+
+/// Installs and removes the in-pod ruleset in the current thread's netns.
+pub trait RulesBackend: Send + Sync {
+    /// Which backend this is.
+    fn kind(&self) -> BackendKind;
+    /// Installs the ruleset for `cfg`: atomic (all or nothing; the previous state is
+    /// kept on failure) and idempotent (re-applying leaves one copy, replacing ours).
+    fn apply(&self, cfg: &InpodConfig) -> Result<(), RulesError>;
+    /// Removes our rules and chains; absent state is not an error.
+    fn remove(&self, cfg: &InpodConfig) -> Result<(), RulesError>;
+    /// Reports our installed state and whether it equals the ruleset for `cfg`.
+    fn installed(&self, cfg: &InpodConfig) -> Result<Installed, RulesError>;
+}
+
+/// Builds a backend of `kind` (iptables: detects the flavour now, in the caller's netns).
+pub fn make(kind: BackendKind) -> Result<Box<dyn RulesBackend>, RulesError> {
+    match kind {
+        BackendKind::Iptables => Ok(Box::new(iptables::Iptables::detect()?)),
+        BackendKind::Nftables => nftables::make(),
+    }
+}

@@ -1,0 +1,196 @@
+//! The agent end to end (root): captured-pod ADD latency per rules backend,
+//! a burst of concurrent ADDs, reconciliation after `kill -9`, and agent RSS.
+//! Each pod is a fresh netns; the plugin is exec'd as a runtime does.
+//!
+//! `cargo bench -p ambient-cni-tests --bench agent_enroll` (`AGENT_BENCH_PODS` to scale).
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use ambient_cni_tests::*;
+use serde_json::json;
+
+fn plugin_conf(sock: &Path) -> String {
+    let mut e = plugin_entry(sock, 5000);
+    e["log_level"] = "error".into();
+    e["cniVersion"] = "1.0.0".into();
+    e["prevResult"] = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.97.0.5/24"}]});
+    e.to_string()
+}
+
+fn add(conf: &str, netns: &NamedNetns, name: &str, uid: &str) -> Exec {
+    let args =
+        format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=mesh;K8S_POD_NAME={name};K8S_POD_UID={uid}");
+    let path = netns.path();
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", uid),
+        ("CNI_NETNS", path.as_str()),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_ARGS", args.as_str()),
+    ];
+    exec_plugin(
+        &plugin_bin(),
+        &env,
+        conf.as_bytes(),
+        Duration::from_secs(10),
+    )
+}
+
+fn pct(v: &mut [Duration], p: usize) -> f64 {
+    v.sort();
+    v[(v.len() * p / 100).min(v.len() - 1)].as_secs_f64() * 1000.0
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
+struct Setup {
+    dir: TempDir,
+    agent: AgentProcess,
+    _standin: Standin,
+    conf: String,
+    pods: Vec<(NamedNetns, String, String)>,
+}
+
+fn setup(backend: &str, n: usize) -> Setup {
+    let dir = TempDir::new("acni-bench");
+    write_namespace(
+        &dir.join("pods"),
+        "mesh",
+        json!({"istio.io/dataplane-mode": "ambient"}),
+    );
+    let mut pods = Vec::new();
+    for i in 0..n {
+        let ns = NamedNetns::new();
+        let uid = format!("{}-b{i}", ns.name());
+        let name = format!("b{i}");
+        write_pod(&dir.join("pods"), "mesh", &name, &uid, None, json!({}));
+        pods.push((ns, name, uid));
+    }
+    let agent = AgentProcess::start(
+        &dir.0,
+        &[
+            "--rules-backend",
+            backend,
+            "--log-level",
+            "warn,ambient_cni_agent::mesh::controller=info",
+        ],
+    );
+    let standin = Standin::start(
+        &dir.join("ztunnel.sock"),
+        &dir.join("standin.jsonl"),
+        &["--no-dns"],
+    );
+    assert!(standin.wait_count("snapshot_sent", 1, Duration::from_secs(10)));
+    let conf = plugin_conf(&agent.socket);
+    Setup {
+        dir,
+        agent,
+        _standin: standin,
+        conf,
+        pods,
+    }
+}
+
+fn main() {
+    if !require_root("agent_enroll bench") {
+        return;
+    }
+    let n: usize = std::env::var("AGENT_BENCH_PODS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    println!("agent end to end: plugin exec → agent → rules → ZDS AddWorkload + stand-in ack\n");
+    println!("| measure | backend | figure | target |");
+    println!("|---|---|---|---|");
+    let mut nft_rss = 0.0;
+    for backend in ["nftables", "iptables"] {
+        let s = setup(backend, n);
+        let mut times = Vec::new();
+        for (ns, name, uid) in &s.pods {
+            let out = add(&s.conf, ns, name, uid);
+            assert_eq!(out.code, 0, "{}", out.stdout);
+            times.push(out.elapsed);
+        }
+        let p50 = pct(&mut times, 50);
+        let p99 = pct(&mut times, 99);
+        let target = if backend == "nftables" {
+            "p50 ≤ 5 ms"
+        } else {
+            "-"
+        };
+        println!("| captured ADD, {n} pods sequential | {backend} | p50 {p50:.2} ms, p99 {p99:.2} ms | {target} |");
+        if backend == "nftables" {
+            nft_rss = rss_mib(s.agent.pid());
+        }
+        drop(s);
+    }
+
+    // Burst: 100 ADDs at once.
+    let s = setup("nftables", 100);
+    let start = Instant::now();
+    std::thread::scope(|sc| {
+        for (ns, name, uid) in &s.pods {
+            let conf = &s.conf;
+            sc.spawn(move || {
+                let out = add(conf, ns, name, uid);
+                assert_eq!(out.code, 0, "{}", out.stdout);
+            });
+        }
+    });
+    println!(
+        "| burst of 100 concurrent ADDs, total | nftables | {:.0} ms | ≤ 1000 ms |",
+        start.elapsed().as_secs_f64() * 1000.0
+    );
+    drop(s);
+
+    // Reconcile: 250 pods enrolled, kill -9, restart, time to the stand-in's SnapshotSent.
+    let mut s = setup("nftables", 250);
+    for (ns, name, uid) in &s.pods {
+        let out = add(&s.conf, ns, name, uid);
+        assert_eq!(out.code, 0, "{}", out.stdout);
+    }
+    let rss_250 = rss_mib(s.agent.pid());
+    let standin = &s._standin;
+    let before = standin.events_of("snapshot_sent").len();
+    s.agent.kill();
+    let start = Instant::now();
+    let agent = AgentProcess::start(
+        &s.dir.0,
+        &[
+            "--rules-backend",
+            "nftables",
+            "--log-format",
+            "json",
+            "--log-level",
+            "warn,ambient_cni_agent::mesh::controller=info",
+        ],
+    );
+    let ok = wait_for(Duration::from_secs(30), || {
+        standin.events_of("snapshot_sent").len() > before
+    });
+    let total = start.elapsed();
+    assert!(ok, "no snapshot");
+    let rebuilt = agent
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("state rebuilt"))
+        .last()
+        .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .map(|v| v["elapsed_ms"].to_string())
+        .unwrap_or_else(|| "?".into());
+    println!(
+        "| reconcile 250 pods after kill -9: agent start → SnapshotSent acked (state rebuild {rebuilt} ms) | nftables | {:.0} ms | ≤ 500 ms |",
+        total.as_secs_f64() * 1000.0
+    );
+    println!("| agent RSS after {n} pods | nftables | {nft_rss:.1} MiB | ≤ 30 MiB |");
+    println!("| agent RSS with 250 pods | nftables | {rss_250:.1} MiB | ≤ 30 MiB |");
+    drop(agent);
+}
