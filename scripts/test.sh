@@ -17,6 +17,21 @@ cargo build --release -p ambient-cni --target x86_64-unknown-linux-musl
 export AMBIENT_CNI_PLUGIN="$PWD/target/x86_64-unknown-linux-musl/release/ambient-cni"
 export AMBIENT_CNI_AGENT="$PWD/target/release/ambient-cni-agent"
 
+# The real peers (stock ztunnel, a real kube-apiserver) are built by ../shared/peers when it
+# is there (CI); elsewhere the interop tests skip unless ZTUNNEL_BIN / KUBECONFIG point at yours.
+peers=../shared/peers
+if [ -d "$peers" ] && [ -z "${ZTUNNEL_BIN:-}" ]; then
+  step "real peers: stock ztunnel and kube-apiserver (cached after the first build)"
+  export "$("$peers/ztunnel.sh" | tail -1)"
+  "$peers/kube.sh" build >&2
+  kube_env=$("$peers/kube.sh" start | tail -2)
+  # shellcheck disable=SC2086
+  export $kube_env
+  trap '"$peers/kube.sh" stop --dir "$KUBE_PEER_DIR" >/dev/null 2>&1 || true' EXIT
+  echo "ZTUNNEL_BIN=$ZTUNNEL_BIN KUBECONFIG=$KUBECONFIG"
+fi
+export ZTUNNEL_STANDIN_BIN="$PWD/target/release/ztunnel-standin"
+
 step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings

@@ -16,3 +16,9 @@ pub mod plugin {
     #![allow(missing_docs, clippy::all)]
     include!(concat!(env!("OUT_DIR"), "/ambient_cni.plugin.v1.rs"));
 }
+
+/// The agent's admin API (package `ambient_cni.admin.v1`).
+pub mod admin {
+    #![allow(missing_docs, clippy::all)]
+    include!(concat!(env!("OUT_DIR"), "/ambient_cni.admin.v1.rs"));
+}

@@ -29,11 +29,29 @@ pub enum Command {
     /// Apply, remove or show the in-pod redirection rules of one netns by hand.
     Redirect(crate::cmd::redirect::RedirectArgs),
     /// Show what the running agent holds, per pod.
-    Status,
-    /// Explain why a pod is or is not captured.
+    Status {
+        /// The running agent's run dir (its admin socket is there).
+        #[arg(long, env = "RUN_DIR", default_value = "/var/run/ambient-cni")]
+        run_dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain why a pod is or is not captured (exit status 1 when it is not healthy).
     Doctor {
         /// The pod, as NAMESPACE/NAME.
         pod: String,
+        /// The running agent's run dir.
+        #[arg(long, env = "RUN_DIR", default_value = "/var/run/ambient-cni")]
+        run_dir: PathBuf,
+    },
+    /// Change the running agent's log level (`RUST_LOG` syntax).
+    LogLevel {
+        /// The new level, e.g. `debug` or `info,ambient_cni_agent::mesh=debug`.
+        level: String,
+        /// The running agent's run dir.
+        #[arg(long, env = "RUN_DIR", default_value = "/var/run/ambient-cni")]
+        run_dir: PathBuf,
     },
     /// Run the local demo (real netns pods, the real CNI chain, the agent, a ztunnel stand-in).
     Demo,

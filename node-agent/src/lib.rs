@@ -1,5 +1,6 @@
 //! The ambient-cni node agent: enrols pods into the ambient mesh and hands them to ztunnel.
 
+pub mod admin;
 pub mod cli;
 pub mod cmd;
 pub mod discovery;
@@ -11,6 +12,7 @@ pub mod pods;
 pub mod policy;
 pub mod privileges;
 pub mod run;
+pub mod uds;
 
 use cli::{Cli, Command};
 
@@ -29,8 +31,15 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             println!("{out:?}");
             Ok(())
         }
-        Command::Status | Command::Doctor { .. } | Command::Demo => {
-            anyhow::bail!("not yet: this subcommand lands with a later release")
+        Command::Status { run_dir, json } => admin::print_status(&run_dir, json),
+        Command::Doctor { pod, run_dir } => {
+            if admin::print_doctor(&run_dir, &pod)? {
+                Ok(())
+            } else {
+                std::process::exit(1)
+            }
         }
+        Command::LogLevel { level, run_dir } => admin::set_log_level(&run_dir, &level),
+        Command::Demo => anyhow::bail!("not yet: the demo lands with the operability work"),
     }
 }

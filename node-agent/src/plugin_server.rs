@@ -3,17 +3,13 @@
 //! The socket file is 0600 and every accepted peer's uid is checked with
 //! `SO_PEERCRED`, so only root on this node can ask for a pod to be captured.
 
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ambient_cni_api::plugin as pb;
 use ambient_cni_api::plugin::plugin_server::{Plugin, PluginServer};
 use tokio::net::UnixListener;
-use tokio_stream::wrappers::UnixListenerStream;
-use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status};
-use tracing::{info, warn};
+use tracing::info;
 
 /// What the agent does with plugin requests (the enrolment pipeline implements it).
 #[tonic::async_trait]
@@ -117,46 +113,7 @@ impl<H: PodHandler> Plugin for Service<H> {
     }
 }
 
-/// Errors setting up the plugin socket; each names the path.
-#[derive(Debug, thiserror::Error)]
-pub enum SocketError {
-    /// Creating the directory, binding or chmod failed.
-    #[error("plugin socket {path}: {what}: {source}")]
-    Io {
-        /// The socket path.
-        path: PathBuf,
-        /// The step that failed.
-        what: &'static str,
-        /// The OS error.
-        source: std::io::Error,
-    },
-}
-
-/// Binds the plugin socket: parent dir 0750, stale file removed, socket 0600.
-pub fn bind(path: &Path) -> Result<UnixListener, SocketError> {
-    let io = |what: &'static str| {
-        let path = path.to_owned();
-        move |source| SocketError::Io { path, what, source }
-    };
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(io("create directory"))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o750))
-            .map_err(io("chmod directory"))?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(io("remove stale socket")(e)),
-    }
-    // Bind under a tight umask so the socket is never briefly world-connectable.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let listener = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let listener = listener.map_err(io("bind"))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .map_err(io("chmod socket"))?;
-    Ok(listener)
-}
+pub use crate::uds::{bind, SocketError};
 
 /// Serves plugin requests until `shutdown` resolves; peers whose uid is not `allowed_uid` are dropped.
 pub async fn serve<H: PodHandler>(
@@ -165,24 +122,7 @@ pub async fn serve<H: PodHandler>(
     allowed_uid: u32,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    let incoming = UnixListenerStream::new(listener).filter(move |conn| match conn {
-        Ok(stream) => match stream.peer_cred() {
-            Ok(cred) if cred.uid() == allowed_uid => true,
-            Ok(cred) => {
-                warn!(
-                    uid = cred.uid(),
-                    pid = cred.pid(),
-                    "plugin socket: refused peer with a foreign uid"
-                );
-                false
-            }
-            Err(e) => {
-                warn!(error = %e, "plugin socket: cannot read peer credentials; refused");
-                false
-            }
-        },
-        Err(_) => true,
-    });
+    let incoming = crate::uds::peers_with_uid(listener, allowed_uid, "plugin");
     info!("plugin socket serving");
     tonic::transport::Server::builder()
         .add_service(PluginServer::new(Service { handler }))

@@ -101,9 +101,15 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
                 .local_pods_dir
                 .clone()
                 .context("--local-pods-dir is required with --pod-source local")?;
-            Arc::new(LocalSource::new(&dir).with_context(|| format!("local pod source {}", dir.display()))?)
+            Arc::new(
+                LocalSource::new(&dir)
+                    .with_context(|| format!("local pod source {}", dir.display()))?,
+            )
         }
-        PodSourceKind::Kube => anyhow::bail!("the Kubernetes pod source lands with the Kubernetes integration; use --pod-source local"),
+        PodSourceKind::Kube => Arc::new(crate::pods::kube::KubeSource::new(
+            crate::pods::kube::client_from_env().await?,
+            args.node_name.clone(),
+        )),
     };
     let store = Store::open(args.run_dir.join("pods"))
         .with_context(|| format!("state directory {}", args.run_dir.display()))?;
@@ -115,7 +121,16 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         Effects {
             redirector,
             probes,
-            status: Arc::new(NoStatus),
+            // A second client costs no extra connection: the source's are held by its watches.
+            status: match args.pod_source {
+                PodSourceKind::Kube => Arc::new(
+                    crate::mesh::kube_status::KubeStatus::new(
+                        crate::pods::kube::client_from_env().await?,
+                    )
+                    .with_node(args.node_name.clone()),
+                ),
+                PodSourceKind::Local => Arc::new(NoStatus),
+            },
             store,
         },
         args.host_proc.clone(),
@@ -133,6 +148,15 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         uid,
         crate::run::shutdown_signal(),
     ));
+    let admin_path = crate::admin::socket_path(&args.run_dir);
+    let (admin_ctl, node) = (controller.clone(), args.node_name.clone());
+    tokio::spawn(async move {
+        if let Err(e) =
+            crate::admin::serve(&admin_path, admin_ctl, node, crate::run::shutdown_signal()).await
+        {
+            error!(error = %e, "admin socket failed (status/doctor unavailable)");
+        }
+    });
     let ctl = controller.clone();
     let zds_path = args.ztunnel_uds_address.clone();
     let control = tokio::spawn(async move { ctl.start(zds_path).await });

@@ -366,6 +366,11 @@ async fn body(f: &Fixture) -> anyhow::Result<()> {
         "IPs of here"
     );
     ensure!(p.metadata.uid == here.metadata.uid, "uid of here");
+    eprintln!(
+        "pod object as served: {} bytes of JSON; as kept by the source: {} bytes",
+        serde_json::to_vec(&here)?.len(),
+        serde_json::to_vec(&*p)?.len()
+    );
 
     // Namespace label changes arrive.
     let nss: Api<Namespace> = Api::all(f.admin.clone());

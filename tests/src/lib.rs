@@ -70,9 +70,9 @@ pub fn agent_bin() -> PathBuf {
     binary("AMBIENT_CNI_AGENT", "ambient-cni-agent")
 }
 
-/// The ztunnel stand-in (`ZTUNNEL_STANDIN`, else the workspace build).
+/// The ztunnel stand-in (`ZTUNNEL_STANDIN_BIN`, else the workspace build).
 pub fn standin_bin() -> PathBuf {
-    binary("ZTUNNEL_STANDIN", "ztunnel-standin")
+    binary("ZTUNNEL_STANDIN_BIN", "ztunnel-standin")
 }
 
 /// Runs `ip` with arguments (never a shell); panics with its stderr on failure.

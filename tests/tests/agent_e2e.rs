@@ -453,3 +453,116 @@ fn oversized_zds_message_is_refused_before_sending() {
     res.unwrap_or_else(|(i, e)| panic!("ADD {i}: {e:?}"));
     mesh.chain(5000).del(&att, None).expect("DEL");
 }
+
+fn agent_cli(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new(agent_bin())
+        .args(args)
+        .output()
+        .expect("exec agent cli");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn status_and_doctor_name_each_broken_link() {
+    if !require_root("status_and_doctor_name_each_broken_link") {
+        return;
+    }
+    let mut mesh = Mesh::new("nftables", 49, &[]);
+    let run = mesh.dir.join("run");
+    let run = run.to_str().expect("utf8");
+    let (pod, _att, res) = mesh.add_pod("mesh", "web");
+    res.unwrap_or_else(|(i, e)| panic!("ADD {i}: {e:?}"));
+
+    let (code, text) = agent_cli(&["status", "--run-dir", run, "--json"]);
+    assert_eq!(code, 0, "{text}");
+    let v: Value = serde_json::from_str(&text).expect("status JSON");
+    assert_eq!(v["ztunnel_connections"], 1);
+    assert_eq!(v["pods"][0]["name"], "web");
+    assert_eq!(v["pods"][0]["phase"], "enabled");
+    assert_eq!(v["pods"][0]["rules_ok"], true);
+    assert_eq!(v["pods"][0]["netns_inode"], inode(&pod));
+
+    let (code, text) = agent_cli(&["doctor", "mesh/web", "--run-dir", run]);
+    assert_eq!(code, 0, "{text}");
+    for ok in [
+        "[PASS] selected for the mesh",
+        "[PASS] netns found",
+        "[PASS] in-pod rules",
+        "[PASS] policy route",
+        "[PASS] ztunnel acked",
+    ] {
+        assert!(text.contains(ok), "{ok}: {text}");
+    }
+
+    // Outside the mesh: healthy, and says why and how to change it.
+    let (_p2, _a2, r2) = mesh.add_pod("plain", "db");
+    r2.unwrap_or_else(|(i, e)| panic!("ADD {i}: {e:?}"));
+    let (code, text) = agent_cli(&["doctor", "plain/db", "--run-dir", run]);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("no enablement selector matches") && text.contains("kubectl label ns plain"),
+        "{text}"
+    );
+
+    // Unknown pod.
+    let (code, text) = agent_cli(&["doctor", "mesh/nope", "--run-dir", run]);
+    assert_eq!(code, 1);
+    assert!(text.contains("[FAIL] pod known"), "{text}");
+
+    // Break the rules by hand: doctor names the rules.
+    let (code, text) = agent_cli(&[
+        "redirect",
+        "remove",
+        "--netns",
+        &pod.path(),
+        "--backend",
+        "nftables",
+    ]);
+    assert_eq!(code, 0, "{text}");
+    let (code, text) = agent_cli(&["doctor", "mesh/web", "--run-dir", run]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("[FAIL] in-pod rules") && text.contains("[FAIL] policy route"),
+        "{text}"
+    );
+    let (_, text) = agent_cli(&["status", "--run-dir", run]);
+    assert!(text.contains("MISSING"), "{text}");
+    let (code, text) = agent_cli(&[
+        "redirect",
+        "apply",
+        "--netns",
+        &pod.path(),
+        "--backend",
+        "nftables",
+    ]);
+    assert_eq!(code, 0, "{text}");
+
+    // ztunnel gone: doctor names it.
+    mesh.standin = None;
+    assert!(wait_for(LONG, || agent_cli(&[
+        "status",
+        "--run-dir",
+        run,
+        "--json"
+    ])
+    .1
+    .contains("\"ztunnel_connections\": 0")));
+    let (code, text) = agent_cli(&["doctor", "mesh/web", "--run-dir", run]);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("[PASS] in-pod rules") && text.contains("[FAIL] ztunnel connected"),
+        "{text}"
+    );
+
+    // Log level at run time.
+    let (code, text) = agent_cli(&["log-level", "debug", "--run-dir", run]);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("was"), "{text}");
+    let (code, _) = agent_cli(&["log-level", "[[bad", "--run-dir", run]);
+    assert_ne!(code, 0);
+}

@@ -42,7 +42,7 @@ pub struct RedirectOpts {
     #[arg(long, env = "AMBIENT_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
     pub dns_capture: bool,
     /// Also install IPv6 rules.
-    #[arg(long, env = "AMBIENT_IPV6", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = "AMBIENT_IPV6", default_value_t = true, action = clap::ArgAction::Set)]
     pub ipv6: bool,
     /// Do not redirect inbound traffic (ingress mode).
     #[arg(long)]

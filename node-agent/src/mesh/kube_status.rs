@@ -13,6 +13,7 @@ use kube::Client;
 use serde_json::json;
 
 use super::hooks::StatusWriter;
+use crate::pods::kube::chain;
 use crate::pods::PodId;
 
 /// The status annotation.
@@ -136,8 +137,9 @@ impl StatusWriter for KubeStatus {
             // Removing the mark of a pod that is gone is done.
             Err(kube::Error::Api(s)) if value.is_none() && s.is_not_found() => Ok(()),
             Err(e) => Err(format!(
-                "cannot patch {REDIRECTION_ANNOTATION}={} on pod {pod}: {e}",
-                value.unwrap_or("(removed)")
+                "cannot patch {REDIRECTION_ANNOTATION}={} on pod {pod}: {}",
+                value.unwrap_or("(removed)"),
+                chain(&e)
             )),
         }
     }
@@ -151,7 +153,7 @@ impl StatusWriter for KubeStatus {
         api.create(&PostParams::default(), &ev)
             .await
             .map(|_| ())
-            .map_err(|e| format!("cannot record event {reason} on pod {pod}: {e}"))
+            .map_err(|e| format!("cannot record event {reason} on pod {pod}: {}", chain(&e)))
     }
 }
 

@@ -1,6 +1,7 @@
 //! The enrolment pipeline: which pods the agent holds, and how one enters or leaves the mesh.
 
 pub mod controller;
+pub mod doctor;
 pub mod enroller;
 pub mod hooks;
 pub mod host_probe;

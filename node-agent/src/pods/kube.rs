@@ -35,6 +35,22 @@ pub async fn client_from_env() -> anyhow::Result<Client> {
     Client::try_from(config).map_err(|e| anyhow::anyhow!("cannot build the Kubernetes client: {e}"))
 }
 
+/// An error with its causes ("client error (Connect): ... Connection refused").
+pub(crate) fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let s = c.to_string();
+        // Wrappers often repeat their cause's text.
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = c.source();
+    }
+    out
+}
+
 /// Pods of one node, and all namespaces, from the Kubernetes API.
 #[derive(Clone)]
 pub struct KubeSource {
@@ -232,7 +248,7 @@ impl PodSource for KubeSource {
                 Some(r) = pods.next() => match r {
                     Ok(ev) => tracker.on_event(ev),
                     Err(e) => {
-                        warn!(error = %e, "pod watch failed; resuming with backoff");
+                        warn!(error = %chain(&e), "pod watch failed; resuming with backoff");
                         continue;
                     }
                 },
@@ -244,7 +260,7 @@ impl PodSource for KubeSource {
                         namespace_events(ev)
                     }
                     Err(e) => {
-                        warn!(error = %e, "namespace watch failed; resuming with backoff");
+                        warn!(error = %chain(&e), "namespace watch failed; resuming with backoff");
                         continue;
                     }
                 },
@@ -276,14 +292,14 @@ impl PodSource for KubeSource {
             let Some(pod) = pods
                 .get_opt(name)
                 .await
-                .map_err(|e| format!("GET pod {namespace}/{name}: {e}"))?
+                .map_err(|e| format!("GET pod {namespace}/{name}: {}", chain(&e)))?
             else {
                 return Ok(None);
             };
             let ns = nss
                 .get_opt(namespace)
                 .await
-                .map_err(|e| format!("GET namespace {namespace}: {e}"))?;
+                .map_err(|e| format!("GET namespace {namespace}: {}", chain(&e)))?;
             let namespace_labels: BTreeMap<String, String> =
                 ns.and_then(|n| n.metadata.labels).unwrap_or_default();
             Ok(Some(Found {

@@ -1,0 +1,31 @@
+//! Operability: the health port (`/healthz`, `/readyz`), the Prometheus metrics
+//! port (`/metrics`), the small HTTP server behind both, and a strict reader of
+//! the exposition format.
+
+pub mod expo;
+pub mod health;
+pub mod http;
+pub mod metrics;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+/// Binds the health and metrics ports (so a taken port fails the agent's start), then
+/// serves them on background tasks until the future made by `shutdown` resolves.
+pub async fn start_servers<F>(
+    health_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    readiness: health::Readiness,
+    metrics: Arc<metrics::Metrics>,
+    shutdown: impl Fn() -> F,
+) -> Result<(), http::HttpError>
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let h = http::bind(health_addr).await?;
+    let m = http::bind(metrics_addr).await?;
+    tokio::spawn(http::serve(h, "health", health::handler(readiness), shutdown()));
+    tokio::spawn(http::serve(m, "metrics", metrics::handler(metrics), shutdown()));
+    Ok(())
+}
