@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 pub mod cni;
+pub mod kubelet;
 
 /// Where Debian's `containernetworking-plugins` puts the reference plugins.
 pub const DEBIAN_CNI_DIR: &str = "/usr/lib/cni";

@@ -566,3 +566,108 @@ fn status_and_doctor_name_each_broken_link() {
     let (code, _) = agent_cli(&["log-level", "[[bad", "--run-dir", run]);
     assert_ne!(code, 0);
 }
+
+#[test]
+fn namespace_label_enrols_running_pods_without_cni() {
+    use ambient_cni_tests::kubelet::{pod_uid, RunningPod};
+    if !require_root("namespace_label_enrols_running_pods_without_cni") {
+        return;
+    }
+    let mesh = Mesh::new("nftables", 50, &[]);
+    let pods_dir = mesh.dir.join("pods");
+    let tag = std::process::id();
+    let a = RunningPod::start(&pod_uid(tag, 1), "10.96.50.11");
+    let b = RunningPod::start(&pod_uid(tag, 2), "10.96.50.12");
+    write_pod(&pods_dir, "plain", "a", &a.uid, Some(&a.ip), json!({}));
+    write_pod(&pods_dir, "plain", "b", &b.uid, Some(&b.ip), json!({}));
+    // A hostNetwork pod in the same namespace must never be touched.
+    let host_uid = pod_uid(tag, 3);
+    let host_pod = json!({
+        "metadata": {"namespace": "plain", "name": "h", "uid": host_uid},
+        "spec": {"hostNetwork": true, "containers": []},
+        "status": {"phase": "Running", "podIP": "10.96.50.13"},
+    });
+    std::fs::write(pods_dir.join("pods/plain_h.json"), host_pod.to_string()).expect("write");
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(
+        mesh.standin().events_of("add").is_empty(),
+        "nothing is in the mesh yet"
+    );
+
+    // Label the namespace: its running pods join, found by the /proc scan, no CNI call.
+    write_namespace(
+        &pods_dir,
+        "plain",
+        json!({"istio.io/dataplane-mode": "ambient"}),
+    );
+    let added = |uid: &str| {
+        mesh.standin()
+            .events_of("add")
+            .iter()
+            .any(|e| e["uid"] == uid)
+    };
+    assert!(
+        wait_for(LONG, || added(&a.uid) && added(&b.uid)),
+        "{}",
+        mesh.agent().log_text()
+    );
+    for p in [&a, &b] {
+        let e = mesh
+            .standin()
+            .events_of("add")
+            .into_iter()
+            .find(|e| e["uid"] == p.uid.as_str())
+            .expect("add");
+        assert_eq!(e["netns_inode"], inode(&p.netns), "the right netns");
+        assert_eq!(rules_count(&p.netns, "nftables"), 1);
+    }
+    let line = connect_from(&a.netns, "10.96.50.1:80").expect("connect");
+    assert!(
+        line.contains("port=15001") && line.contains("orig=10.96.50.1:80"),
+        "{line}"
+    );
+    assert!(!added(&host_uid), "hostNetwork pod never touched");
+
+    // Pod labelled `none`: released (rules out of its netns, ztunnel told).
+    write_pod(
+        &pods_dir,
+        "plain",
+        "b",
+        &b.uid,
+        Some(&b.ip),
+        json!({"istio.io/dataplane-mode": "none"}),
+    );
+    let deleted = |uid: &str| {
+        mesh.standin()
+            .events()
+            .iter()
+            .any(|e| (e["event"] == "del" || e["event"] == "drained") && e["uid"] == uid)
+    };
+    assert!(
+        wait_for(LONG, || deleted(&b.uid)),
+        "{}",
+        mesh.agent().log_text()
+    );
+    assert!(wait_for(LONG, || rules_count(&b.netns, "nftables") == 0));
+    assert_eq!(
+        rules_count(&a.netns, "nftables"),
+        1,
+        "the other pod keeps its rules"
+    );
+
+    // Namespace label removed: the rest is released too.
+    write_namespace(&pods_dir, "plain", json!({}));
+    assert!(
+        wait_for(LONG, || deleted(&a.uid)),
+        "{}",
+        mesh.agent().log_text()
+    );
+    assert!(wait_for(LONG, || rules_count(&a.netns, "nftables") == 0));
+    let (_, text) = agent_cli(&[
+        "status",
+        "--run-dir",
+        mesh.dir.join("run").to_str().expect("utf8"),
+        "--json",
+    ]);
+    assert!(!text.contains(&host_uid), "{text}");
+}
