@@ -155,7 +155,10 @@ fn nix_statfs(path: &str) -> Result<i64, CniError> {
         ));
     }
     // SAFETY: statfs returned 0, so it filled the struct.
-    Ok(unsafe { buf.assume_init() }.f_type as i64)
+    let st = unsafe { buf.assume_init() };
+    // `f_type` is `long` with glibc and `unsigned long` with musl: cast for both.
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_type as i64)
 }
 
 fn agent_error(e: AgentError) -> CniError {

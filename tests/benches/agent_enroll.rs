@@ -181,8 +181,7 @@ fn main() {
     let rebuilt = agent
         .log_text()
         .lines()
-        .filter(|l| l.contains("state rebuilt"))
-        .last()
+        .rfind(|l| l.contains("state rebuilt"))
         .and_then(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .map(|v| v["elapsed_ms"].to_string())
         .unwrap_or_else(|| "?".into());

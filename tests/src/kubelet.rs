@@ -77,10 +77,7 @@ impl RunningPod {
         };
         let root = cgroup2_mount().expect("cgroup2 mounted");
         let pod_slice = format!("kubepods-besteffort-pod{}.slice", uid.replace('-', "_"));
-        let scope = format!(
-            "cri-containerd-{}.scope",
-            format!("{:0>64}", uid.replace('-', ""))
-        );
+        let scope = format!("cri-containerd-{:0>64}.scope", uid.replace('-', ""));
         let mut dir = root;
         for part in [
             "kubepods.slice",

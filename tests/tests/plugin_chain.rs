@@ -167,7 +167,9 @@ fn bad_input_gets_the_right_error() {
     let bad_prev = conf(r#","prevResult":{"ips":[{"address":"nonsense"}]}"#);
     let prev_not_obj = conf(r#","prevResult":[1]"#);
     let empty_socket = conf(&format!(r#","agent_socket":""{PREV}"#));
-    let cases: Vec<(&str, Vec<(&str, &str)>, Vec<u8>, u64)> = vec![
+    /// (what, env, stdin, expected code)
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, Vec<u8>, u64);
+    let cases: Vec<Case> = vec![
         ("not JSON", add_env(NS, MESH_POD), b"{nope".to_vec(), 6),
         ("empty stdin", add_env(NS, MESH_POD), Vec::new(), 6),
         ("10 MiB of garbage", add_env(NS, MESH_POD), garbage, 6),

@@ -80,7 +80,11 @@ extern "C" fn on_signal(_: libc::c_int) {
 
 fn install_signal_handlers() -> Result<()> {
     use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
-    let action = SigAction::new(SigHandler::Handler(on_signal), SaFlags::SA_RESTART, SigSet::empty());
+    let action = SigAction::new(
+        SigHandler::Handler(on_signal),
+        SaFlags::SA_RESTART,
+        SigSet::empty(),
+    );
     for sig in [Signal::SIGINT, Signal::SIGTERM] {
         // SAFETY: the handler only stores to an atomic.
         unsafe { sigaction(sig, &action) }.with_context(|| format!("cannot handle {sig}"))?;
@@ -229,7 +233,8 @@ impl Chain {
     /// Loads a conflist file.
     fn load(file: &Path, path: Vec<PathBuf>) -> Result<Self> {
         let text = fs::read_to_string(file).with_context(|| format!("read {}", file.display()))?;
-        let v: Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", file.display()))?;
+        let v: Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not JSON", file.display()))?;
         let plugins = v["plugins"]
             .as_array()
             .cloned()
@@ -244,7 +249,26 @@ impl Chain {
 
     /// The plugin types, in order.
     fn types(&self) -> Vec<&str> {
-        self.plugins.iter().filter_map(|p| p["type"].as_str()).collect()
+        self.plugins
+            .iter()
+            .filter_map(|p| p["type"].as_str())
+            .collect()
+    }
+
+    /// The chain for humans: `bridge (host-local IPAM) -> ambient-cni`.
+    fn describe(&self) -> String {
+        let parts: Vec<String> = self
+            .plugins
+            .iter()
+            .map(|p| {
+                let ty = p["type"].as_str().unwrap_or("?");
+                match p["ipam"]["type"].as_str() {
+                    Some(ipam) => format!("{ty} ({ipam} IPAM)"),
+                    None => ty.to_owned(),
+                }
+            })
+            .collect();
+        parts.join(" -> ")
     }
 
     fn binary(&self, ty: &str) -> Result<PathBuf> {
@@ -255,7 +279,13 @@ impl Chain {
             .with_context(|| format!("CNI plugin {ty:?} not found in {:?}", self.path))
     }
 
-    fn exec(&self, command: &str, plugin: &Value, att: &Attachment, prev: Option<&Value>) -> Result<Exec> {
+    fn exec(
+        &self,
+        command: &str,
+        plugin: &Value,
+        att: &Attachment,
+        prev: Option<&Value>,
+    ) -> Result<Exec> {
         let ty = plugin["type"].as_str().unwrap_or_default();
         let mut conf = plugin.clone();
         conf["name"] = self.name.clone().into();
@@ -307,7 +337,9 @@ impl Chain {
         let code = loop {
             match child.try_wait() {
                 Ok(Some(st)) => break st.code().unwrap_or(-1),
-                Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5))
+                }
                 _ => {
                     let _ = child.kill();
                     let _ = child.wait();
@@ -328,20 +360,21 @@ impl Chain {
         let mut prev: Option<Value> = None;
         for plugin in &self.plugins {
             let ty = plugin["type"].as_str().unwrap_or_default().to_owned();
-            let out = self.exec("ADD", plugin, att, prev.as_ref()).map_err(|e| ChainError {
-                plugin: ty.clone(),
-                code: None,
-                msg: format!("{e:#}"),
-            })?;
+            let out = self
+                .exec("ADD", plugin, att, prev.as_ref())
+                .map_err(|e| ChainError {
+                    plugin: ty.clone(),
+                    code: None,
+                    msg: format!("{e:#}"),
+                })?;
             if out.code != 0 {
                 let v: Value = serde_json::from_str(&out.stdout).unwrap_or(Value::Null);
                 return Err(ChainError {
                     plugin: ty,
                     code: v["code"].as_u64(),
-                    msg: v["msg"]
-                        .as_str()
-                        .map(str::to_owned)
-                        .unwrap_or_else(|| format!("exit {}; stderr: {}", out.code, out.stderr.trim())),
+                    msg: v["msg"].as_str().map(str::to_owned).unwrap_or_else(|| {
+                        format!("exit {}; stderr: {}", out.code, out.stderr.trim())
+                    }),
                 });
             }
             let result: Value = serde_json::from_str(&out.stdout).map_err(|e| ChainError {
@@ -388,7 +421,11 @@ struct ChainError {
 impl std::fmt::Display for ChainError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.code {
-            Some(c) => write!(f, "plugin {} failed with code {c}: {}", self.plugin, self.msg),
+            Some(c) => write!(
+                f,
+                "plugin {} failed with code {c}: {}",
+                self.plugin, self.msg
+            ),
             None => write!(f, "plugin {} failed: {}", self.plugin, self.msg),
         }
     }
@@ -425,9 +462,15 @@ struct Prefix {
 
 impl Prefix {
     fn parse(s: &str) -> Result<Self> {
-        let (a, l) = s.split_once('/').with_context(|| format!("subnet {s}: expected A.B.C.D/N"))?;
-        let addr: Ipv4Addr = a.parse().with_context(|| format!("subnet {s}: bad address"))?;
-        let len: u8 = l.parse().with_context(|| format!("subnet {s}: bad length"))?;
+        let (a, l) = s
+            .split_once('/')
+            .with_context(|| format!("subnet {s}: expected A.B.C.D/N"))?;
+        let addr: Ipv4Addr = a
+            .parse()
+            .with_context(|| format!("subnet {s}: bad address"))?;
+        let len: u8 = l
+            .parse()
+            .with_context(|| format!("subnet {s}: bad length"))?;
         if len > 32 {
             bail!("subnet {s}: length over 32");
         }
@@ -449,8 +492,14 @@ impl Prefix {
     /// True if the two prefixes share an address.
     fn overlaps(self, other: Prefix) -> bool {
         let len = self.len.min(other.len);
-        let p = Prefix { addr: self.addr, len };
-        let q = Prefix { addr: other.addr, len };
+        let p = Prefix {
+            addr: self.addr,
+            len,
+        };
+        let q = Prefix {
+            addr: other.addr,
+            len,
+        };
         p.network() == q.network()
     }
 }
@@ -461,7 +510,9 @@ fn overlapping_routes(subnet: Prefix) -> Result<Vec<String>> {
     let routes: Value = serde_json::from_str(&text).context("ip -j route: not JSON")?;
     let mut hits = Vec::new();
     for r in routes.as_array().into_iter().flatten() {
-        let Some(dst) = r["dst"].as_str() else { continue };
+        let Some(dst) = r["dst"].as_str() else {
+            continue;
+        };
         if dst == "default" {
             continue;
         }
@@ -566,7 +617,9 @@ fn listening_ports(ns: &Netns) -> Vec<u16> {
     let ports = ns.run(|| {
         let mut ports = BTreeSet::new();
         for f in ["/proc/thread-self/net/tcp", "/proc/thread-self/net/tcp6"] {
-            let Ok(text) = fs::read_to_string(f) else { continue };
+            let Ok(text) = fs::read_to_string(f) else {
+                continue;
+            };
             for line in text.lines().skip(1) {
                 let cols: Vec<&str> = line.split_whitespace().collect();
                 // Column 3 is the state; 0A is LISTEN.
@@ -637,6 +690,17 @@ fn stop_child(child: &mut Child, grace: Duration) -> String {
 }
 
 impl Env {
+    /// True while the demo has made nothing that needs removing.
+    fn is_empty(&self) -> bool {
+        self.tmp.is_none()
+            && self.netns.is_empty()
+            && self.bridge.is_none()
+            && self.attached.is_empty()
+            && self.agent.is_none()
+            && self.standin.is_none()
+            && self.peer.is_none()
+    }
+
     /// Removes everything; returns the failures (the table shows every step).
     fn cleanup(&mut self) -> Vec<String> {
         if self.done {
@@ -802,7 +866,8 @@ fn pod_json(name: &str, uid: &str, mode: Option<&str>) -> Value {
 /// Writes a JSON file atomically (the local pod source polls the directory).
 fn write_json(path: &Path, v: &Value) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
-    fs::write(&tmp, serde_json::to_vec_pretty(v)?).with_context(|| format!("write {}", tmp.display()))?;
+    fs::write(&tmp, serde_json::to_vec_pretty(v)?)
+        .with_context(|| format!("write {}", tmp.display()))?;
     fs::rename(&tmp, path).with_context(|| format!("rename to {}", path.display()))
 }
 
@@ -827,33 +892,69 @@ fn check_prerequisites(args: &DemoArgs) -> Result<Prereqs> {
         .ok()
         .and_then(|p| p.parent().map(Path::to_owned))
         .unwrap_or_default();
-    let plugin = args.plugin.clone().unwrap_or_else(|| here.join("ambient-cni"));
-    let standin = args.standin.clone().unwrap_or_else(|| here.join("ztunnel-standin"));
+    let plugin = args
+        .plugin
+        .clone()
+        .unwrap_or_else(|| here.join("ambient-cni"));
+    let standin = args
+        .standin
+        .clone()
+        .unwrap_or_else(|| here.join("ztunnel-standin"));
     let mut t = Table::new(&["CHECK", "STATUS"]);
     let mut apt: BTreeSet<&str> = BTreeSet::new();
     let mut other: Vec<String> = Vec::new();
-    let mut check = |t: &mut Table, what: String, ok: bool, fix: Option<&'static str>, hint: Option<String>| {
-        t.row(vec![what, if ok { "ok".into() } else { "MISSING".into() }]);
-        if !ok {
-            if let Some(p) = fix {
-                apt.insert(p);
+    let mut check =
+        |t: &mut Table, what: String, ok: bool, fix: Option<&'static str>, hint: Option<String>| {
+            t.row(vec![what, if ok { "ok".into() } else { "MISSING".into() }]);
+            if !ok {
+                if let Some(p) = fix {
+                    apt.insert(p);
+                }
+                if let Some(h) = hint {
+                    other.push(h);
+                }
             }
-            if let Some(h) = hint {
-                other.push(h);
-            }
-        }
-    };
+        };
     let root = nix::unistd::geteuid().is_root();
-    check(&mut t, "running as root".into(), root, None, Some("run the demo as root (sudo)".into()));
+    check(
+        &mut t,
+        "running as root".into(),
+        root,
+        None,
+        Some("run the demo as root (sudo)".into()),
+    );
     for p in ["bridge", "host-local"] {
         let path = Path::new(CNI_DIR).join(p);
-        check(&mut t, path.display().to_string(), executable(&path), Some("containernetworking-plugins"), None);
+        check(
+            &mut t,
+            path.display().to_string(),
+            executable(&path),
+            Some("containernetworking-plugins"),
+            None,
+        );
     }
-    check(&mut t, "ip (iproute2)".into(), on_path("ip").is_some(), Some("iproute2"), None);
-    let iptables_tools = ["iptables-restore", "iptables-save", "ip6tables-restore", "ip6tables-save"];
+    check(
+        &mut t,
+        "ip (iproute2)".into(),
+        on_path("ip").is_some(),
+        Some("iproute2"),
+        None,
+    );
+    let iptables_tools = [
+        "iptables-restore",
+        "iptables-save",
+        "ip6tables-restore",
+        "ip6tables-save",
+    ];
     if args.backend == BackendChoice::Iptables {
         for tool in iptables_tools {
-            check(&mut t, tool.into(), on_path(tool).is_some(), Some("iptables"), None);
+            check(
+                &mut t,
+                tool.into(),
+                on_path(tool).is_some(),
+                Some("iptables"),
+                None,
+            );
         }
     }
     check(
@@ -878,7 +979,11 @@ fn check_prerequisites(args: &DemoArgs) -> Result<Prereqs> {
     );
     let subnet = Prefix::parse(&args.subnet)?;
     if subnet.len > 29 {
-        bail!("subnet {}: too small for a gateway, {} pods and a peer", args.subnet, args.pods);
+        bail!(
+            "subnet {}: too small for a gateway, {} pods and a peer",
+            args.subnet,
+            args.pods
+        );
     }
     if (1u32 << (32 - subnet.len)) < u32::from(args.pods) + 4 {
         bail!("subnet {}: too small for {} pods", args.subnet, args.pods);
@@ -903,12 +1008,22 @@ fn check_prerequisites(args: &DemoArgs) -> Result<Prereqs> {
     let redirector = if root {
         match crate::run::redirector_from(args.backend) {
             Ok(r) => {
-                t.row(vec![format!("in-pod rules backend ({:?})", args.backend), format!("ok: {}", r.kind())]);
+                t.row(vec![
+                    format!("in-pod rules backend ({:?})", args.backend),
+                    format!("ok: {}", r.kind()),
+                ]);
                 Some(r)
             }
             Err(e) => {
-                t.row(vec![format!("in-pod rules backend ({:?})", args.backend), "MISSING".into()]);
-                apt.insert(if args.backend == BackendChoice::Nftables { "nftables" } else { "iptables" });
+                t.row(vec![
+                    format!("in-pod rules backend ({:?})", args.backend),
+                    "MISSING".into(),
+                ]);
+                apt.insert(if args.backend == BackendChoice::Nftables {
+                    "nftables"
+                } else {
+                    "iptables"
+                });
                 other.push(format!("rules backend: {e:#}"));
                 None
             }
@@ -946,7 +1061,9 @@ fn free_port() -> Result<u16> {
 
 /// Whether this build's `run` takes `flag` (health/metrics ports are optional wiring).
 fn run_supports(flag: &str) -> bool {
-    let Ok(exe) = std::env::current_exe() else { return false };
+    let Ok(exe) = std::env::current_exe() else {
+        return false;
+    };
     Command::new(exe)
         .args(["run", "--help"])
         .env_clear()
@@ -967,6 +1084,11 @@ pub fn run(args: DemoArgs) -> Result<()> {
     install_signal_handlers()?;
     let mut env = Env::default();
     let result = steps(&args, &mut env);
+    if env.is_empty() {
+        // Nothing was made (e.g. a prerequisite is missing): the error says it all.
+        env.done = true;
+        return result;
+    }
     if let Err(e) = &result {
         println!("\nThe demo stopped: {e:#}");
     }
@@ -1016,7 +1138,10 @@ fn steps(args: &DemoArgs, env: &mut Env) -> Result<()> {
     env.tmp = Some(tmp.clone());
     let mut pods: Vec<Pod> = (0..args.pods).map(|i| Pod::new(pid, i)).collect();
 
-    heading(2, "Start the agent (it installs the plugin) and the ztunnel stand-in");
+    heading(
+        2,
+        "Start the agent (it installs the plugin) and the ztunnel stand-in",
+    );
     let st = start(args, &pre, env, &tmp, &pods)?;
     checkpoint()?;
 
@@ -1024,7 +1149,7 @@ fn steps(args: &DemoArgs, env: &mut Env) -> Result<()> {
         3,
         &format!(
             "Create the pods: a netns each, then the CNI chain {} ({})",
-            st.chain.types().join(" -> "),
+            st.chain.describe(),
             args.subnet
         ),
     );
@@ -1036,35 +1161,68 @@ fn steps(args: &DemoArgs, env: &mut Env) -> Result<()> {
     if captured != all {
         bail!("expected every pod captured, captured: {captured:?}");
     }
+    println!(
+        "  captured = the agent installed the in-pod rules and handed the netns to the \
+         stand-in over ZDS, which now listens inside it"
+    );
 
-    heading(5, &format!("Traffic: each pod connects to the peer {peer_addr}, the peer to each pod"));
+    heading(
+        5,
+        &format!("Traffic: each pod connects to the peer {peer_addr}, the peer to each pod"),
+    );
     let expect_all: Vec<bool> = vec![true; pods.len()];
     traffic(&pods, &peer_ns, peer_addr, &expect_all)?;
+    println!(
+        "  outbound TCP is redirected to :15001 in the pod and the stand-in reads the original \
+         destination; inbound goes to :15006 by TPROXY"
+    );
 
     let released = &pods[0];
     heading(
         6,
-        &format!("Release {NAMESPACE}/{}: relabel it istio.io/dataplane-mode=none", released.name),
+        &format!(
+            "Release {NAMESPACE}/{}: relabel it istio.io/dataplane-mode=none",
+            released.name
+        ),
     );
     write_json(
-        &tmp.join("pods").join("pods").join(format!("{}.json", released.name)),
+        &tmp.join("pods")
+            .join("pods")
+            .join(format!("{}.json", released.name)),
         &pod_json(&released.name, &released.uid, Some("none")),
     )?;
-    let rel_ns = released.netns.as_ref().context("released pod has no netns")?;
-    wait_until(Duration::from_secs(20), "the agent to release the pod", || {
-        let gone = pre
-            .redirector
-            .show(rel_ns, &st.cfg)
-            .map(|r| r.installed.is_empty() && r.route.is_empty())
-            .unwrap_or(false);
-        Ok(gone && has_event(&standin_events(&st.events), "del", Some(&released.uid)))
-    })?;
+    let rel_ns = released
+        .netns
+        .as_ref()
+        .context("released pod has no netns")?;
+    wait_until(
+        Duration::from_secs(20),
+        "the agent to release the pod",
+        || {
+            let gone = pre
+                .redirector
+                .show(rel_ns, &st.cfg)
+                .map(|r| r.installed.is_empty() && r.route.is_empty())
+                .unwrap_or(false);
+            Ok(gone && has_event(&standin_events(&st.events), "del", Some(&released.uid)))
+        },
+    )?;
     let captured = status_table(&pods, &pre.redirector, &st.cfg, &st.events)?;
+    println!(
+        "  the agent removed {}'s rules and sent DelWorkload; the stand-in closed its listeners",
+        released.name
+    );
     if captured != all[1..] {
-        bail!("expected {} released and the others captured, captured: {captured:?}", released.name);
+        bail!(
+            "expected {} released and the others captured, captured: {captured:?}",
+            released.name
+        );
     }
 
-    heading(7, "Traffic again: the released pod goes direct, the others still through the stand-in");
+    heading(
+        7,
+        "Traffic again: the released pod goes direct, the others still through the stand-in",
+    );
     let mut expect = expect_all;
     expect[0] = false;
     traffic(&pods, &peer_ns, peer_addr, &expect)?;
@@ -1084,12 +1242,20 @@ fn steps(args: &DemoArgs, env: &mut Env) -> Result<()> {
 
 /// Writes the pod source and the primary CNI config, starts the agent and the stand-in,
 /// and waits until the plugin is chained in and the stand-in holds the snapshot.
-fn start(args: &DemoArgs, pre: &Prereqs, env: &mut Env, tmp: &Path, pods: &[Pod]) -> Result<Started> {
+fn start(
+    args: &DemoArgs,
+    pre: &Prereqs,
+    env: &mut Env,
+    tmp: &Path,
+    pods: &[Pod],
+) -> Result<Started> {
     let pods_dir = tmp.join("pods");
     fs::create_dir_all(pods_dir.join("pods")).context("create the pod source dir")?;
     fs::create_dir_all(pods_dir.join("namespaces")).context("create the pod source dir")?;
     write_json(
-        &pods_dir.join("namespaces").join(format!("{NAMESPACE}.json")),
+        &pods_dir
+            .join("namespaces")
+            .join(format!("{NAMESPACE}.json")),
         &json!({
             "apiVersion": "v1", "kind": "Namespace",
             "metadata": {"name": NAMESPACE, "labels": {"istio.io/dataplane-mode": "ambient"}}
@@ -1155,14 +1321,17 @@ fn start(args: &DemoArgs, pre: &Prereqs, env: &mut Env, tmp: &Path, pods: &[Pod]
         None
     };
     // The same argv, parsed here: `show` compares against the agent's own rules options.
-    let parsed = Cli::try_parse_from(std::iter::once("ambient-cni-agent".to_owned()).chain(agent_args.clone()))
-        .context("the demo's agent command line")?;
+    let parsed = Cli::try_parse_from(
+        std::iter::once("ambient-cni-agent".to_owned()).chain(agent_args.clone()),
+    )
+    .context("the demo's agent command line")?;
     let AgentCommand::Run(run_args) = parsed.command else {
         bail!("the demo's agent command line is not `run`");
     };
     let cfg: InpodConfig = crate::run::policy_from(&run_args)?.inpod;
     let exe = std::env::current_exe().context("cannot find this binary")?;
-    let log = fs::File::create(&agent_log).with_context(|| format!("create {}", agent_log.display()))?;
+    let log =
+        fs::File::create(&agent_log).with_context(|| format!("create {}", agent_log.display()))?;
     let agent = Command::new(&exe)
         .args(&agent_args)
         .env_clear()
@@ -1192,7 +1361,10 @@ fn start(args: &DemoArgs, pre: &Prereqs, env: &mut Env, tmp: &Path, pods: &[Pod]
     let agent_alive = |env: &mut Env| -> Result<()> {
         if let Some(c) = env.agent.as_mut() {
             if let Ok(Some(st)) = c.try_wait() {
-                bail!("the agent exited ({st}); its log:\n{}", tail(&agent_log, 20));
+                bail!(
+                    "the agent exited ({st}); its log:\n{}",
+                    tail(&agent_log, 20)
+                );
             }
         }
         Ok(())
@@ -1202,18 +1374,29 @@ fn start(args: &DemoArgs, pre: &Prereqs, env: &mut Env, tmp: &Path, pods: &[Pod]
         Ok(plugin_sock.exists())
     })?;
     let path = vec![bin_dir.clone(), PathBuf::from(CNI_DIR)];
-    wait_until(Duration::from_secs(20), "the installer to chain ambient-cni in", || {
-        agent_alive(env)?;
-        Ok(Chain::load(&conflist, path.clone()).is_ok_and(|c| c.types().contains(&"ambient-cni"))
-            && executable(&bin_dir.join("ambient-cni")))
-    })?;
-    wait_until(Duration::from_secs(20), "the agent's ZDS socket (state rebuilt)", || {
-        agent_alive(env)?;
-        Ok(zds_sock.exists())
-    })?;
-    wait_until(Duration::from_secs(20), "the stand-in to connect and get its snapshot", || {
-        Ok(has_event(&standin_events(&events), "snapshot_sent", None))
-    })?;
+    wait_until(
+        Duration::from_secs(20),
+        "the installer to chain ambient-cni in",
+        || {
+            agent_alive(env)?;
+            Ok(Chain::load(&conflist, path.clone())
+                .is_ok_and(|c| c.types().contains(&"ambient-cni"))
+                && executable(&bin_dir.join("ambient-cni")))
+        },
+    )?;
+    wait_until(
+        Duration::from_secs(20),
+        "the agent's ZDS socket (state rebuilt)",
+        || {
+            agent_alive(env)?;
+            Ok(zds_sock.exists())
+        },
+    )?;
+    wait_until(
+        Duration::from_secs(20),
+        "the stand-in to connect and get its snapshot",
+        || Ok(has_event(&standin_events(&events), "snapshot_sent", None)),
+    )?;
     let readyz = match ports {
         Some((h, _)) => {
             let mut last = String::new();
@@ -1239,14 +1422,42 @@ fn start(args: &DemoArgs, pre: &Prereqs, env: &mut Env, tmp: &Path, pods: &[Pod]
     let chain = Chain::load(&conflist, path)?;
     let mut t = Table::new(&["PROCESS", "PID", "DETAIL"]);
     let rows = [
-        ("agent", agent_pid.to_string(), format!("rules backend {}", pre.redirector.kind())),
-        ("", String::new(), format!("pod source {}", pods_dir.display())),
-        ("", String::new(), format!("plugin socket {}", plugin_sock.display())),
-        ("", String::new(), format!("ZDS socket {}", zds_sock.display())),
-        ("", String::new(), format!("installed {}", bin_dir.join("ambient-cni").display())),
-        ("", String::new(), format!("chained into {}: {}", conflist.display(), chain.types().join(" -> "))),
+        (
+            "agent",
+            agent_pid.to_string(),
+            format!("rules backend {}", pre.redirector.kind()),
+        ),
+        (
+            "",
+            String::new(),
+            format!("pod source {}", pods_dir.display()),
+        ),
+        (
+            "",
+            String::new(),
+            format!("plugin socket {}", plugin_sock.display()),
+        ),
+        (
+            "",
+            String::new(),
+            format!("ZDS socket {}", zds_sock.display()),
+        ),
+        (
+            "",
+            String::new(),
+            format!("installed {}", bin_dir.join("ambient-cni").display()),
+        ),
+        (
+            "",
+            String::new(),
+            format!("chained into {}: {}", conflist.display(), chain.describe()),
+        ),
         ("", String::new(), format!("readiness: {readyz}")),
-        ("ztunnel stand-in", standin_pid.to_string(), "connected over ZDS, snapshot received".into()),
+        (
+            "ztunnel stand-in",
+            standin_pid.to_string(),
+            "connected over ZDS, snapshot received".into(),
+        ),
     ];
     for (a, b, c) in rows {
         t.row(vec![a.into(), b, c]);
@@ -1284,12 +1495,15 @@ fn create_pods(
         netns_path: format!("/var/run/netns/{peer_name}"),
         args: "IgnoreUnknown=1".into(),
     };
-    let peer_result = st
-        .chain
-        .add(&peer_att)
-        .map_err(|e| anyhow!("peer (netns {peer_name}): CNI ADD with {}: {e}", st.conflist.display()))?;
+    let peer_result = st.chain.add(&peer_att).map_err(|e| {
+        anyhow!(
+            "peer (netns {peer_name}): CNI ADD with {}: {e}",
+            st.conflist.display()
+        )
+    })?;
     let (peer_ip, peer_veth) = result_ip_and_veth(&peer_result);
-    env.attached.push((st.chain.clone(), peer_att, Some(peer_result)));
+    env.attached
+        .push((st.chain.clone(), peer_att, Some(peer_result)));
     env.veths.extend(peer_veth.clone());
     let peer_ip = peer_ip.context("the bridge plugin gave the peer no IPv4 address")?;
     env.peer = Some(PeerListener::start(&peer_ns, peer_ip)?);
@@ -1313,7 +1527,11 @@ fn create_pods(
                 Err(e) => {
                     // The runtime tears the sandbox down after a failed ADD.
                     let _ = st.chain.del(&p.att, None);
-                    bail!("pod {NAMESPACE}/{} (netns {}): CNI ADD: {e}", p.name, p.netns_name);
+                    bail!(
+                        "pod {NAMESPACE}/{} (netns {}): CNI ADD: {e}",
+                        p.name,
+                        p.netns_name
+                    );
                 }
             }
         };
@@ -1322,7 +1540,8 @@ fn create_pods(
         p.ip = ip;
         p.veth = veth.clone();
         env.veths.extend(veth);
-        env.attached.push((st.chain.clone(), p.att.clone(), Some(result)));
+        env.attached
+            .push((st.chain.clone(), p.att.clone(), Some(result)));
         p.netns = Some(ns);
     }
     let mut t = Table::new(&["POD", "NETNS", "IP", "HOST VETH", "CNI ADD"]);
@@ -1354,7 +1573,12 @@ fn status_table<'a>(
     events_file: &Path,
 ) -> Result<Vec<&'a str>> {
     let events = standin_events(events_file);
-    let mut t = Table::new(&["POD", "CAPTURED", "RULES (backend: state)", "STAND-IN LISTENING"]);
+    let mut t = Table::new(&[
+        "POD",
+        "CAPTURED",
+        "RULES (backend: state)",
+        "STAND-IN LISTENING",
+    ]);
     let mut captured = Vec::new();
     for p in pods {
         checkpoint()?;
@@ -1392,7 +1616,11 @@ fn status_table<'a>(
             format!("{NAMESPACE}/{}", p.name),
             if yes { "yes".into() } else { "no".into() },
             rules,
-            if listening { ports.join(",") } else { "-".into() },
+            if listening {
+                ports.join(",")
+            } else {
+                "-".into()
+            },
         ]);
     }
     t.print();
@@ -1413,19 +1641,38 @@ fn traffic(pods: &[Pod], peer_ns: &Netns, peer: SocketAddr, captured: &[bool]) -
             format!("peer {peer} answered")
         };
         if !out.starts_with(&want_out) {
-            wrong.push(format!("{} -> {peer}: want {want_out:?}, got {out:?}", p.name));
+            wrong.push(format!(
+                "{} -> {peer}: want {want_out:?}, got {out:?}",
+                p.name
+            ));
         }
-        t.row(vec![format!("{NAMESPACE}/{}", p.name), peer.to_string(), answered_by(&out).into(), out]);
+        t.row(vec![
+            format!("{NAMESPACE}/{}", p.name),
+            peer.to_string(),
+            answered_by(&out).into(),
+            out,
+        ]);
         let Some(ip) = p.ip else { continue };
         let to = SocketAddr::from((ip, PEER_PORT));
         let back = talk(peer_ns, to);
         if *want && !back.starts_with(&format!("standin port=15006 orig={to}")) {
-            wrong.push(format!("peer -> {}: want the stand-in's inbound port, got {back:?}", p.name));
+            wrong.push(format!(
+                "peer -> {}: want the stand-in's inbound port, got {back:?}",
+                p.name
+            ));
         }
         if !*want && back.starts_with("standin") {
-            wrong.push(format!("peer -> {}: released pod still captured inbound: {back:?}", p.name));
+            wrong.push(format!(
+                "peer -> {}: released pod still captured inbound: {back:?}",
+                p.name
+            ));
         }
-        t.row(vec!["(peer)".into(), to.to_string(), answered_by(&back).into(), back]);
+        t.row(vec![
+            "(peer)".into(),
+            to.to_string(),
+            answered_by(&back).into(),
+            back,
+        ]);
     }
     t.print();
     if !wrong.is_empty() {
@@ -1443,8 +1690,14 @@ fn show_metrics(addr: SocketAddr) -> Result<()> {
     let e = expo::parse(&body).with_context(|| format!("http://{addr}/metrics"))?;
     let mut t = Table::new(&["METRIC", "VALUE"]);
     let rows: [(&str, &[(&str, &str)]); 8] = [
-        ("ambient_cni_plugin_requests_total", &[("command", "ADD"), ("result", "captured")]),
-        ("istio_cni_plugin_requests_total", &[("response_code", "200")]),
+        (
+            "ambient_cni_plugin_requests_total",
+            &[("command", "ADD"), ("result", "captured")],
+        ),
+        (
+            "istio_cni_plugin_requests_total",
+            &[("response_code", "200")],
+        ),
         ("ambient_cni_enrolments_total", &[("result", "enabled")]),
         ("ambient_cni_pods", &[("state", "enabled")]),
         ("ambient_cni_pods", &[("state", "pending")]),
@@ -1459,7 +1712,9 @@ fn show_metrics(addr: SocketAddr) -> Result<()> {
             let l: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
             format!("{name}{{{}}}", l.join(","))
         };
-        let v = e.value(name, labels).map_or_else(|| "-".into(), |v| v.to_string());
+        let v = e
+            .value(name, labels)
+            .map_or_else(|| "-".into(), |v| v.to_string());
         t.row(vec![shown, v]);
     }
     t.print();
@@ -1493,14 +1748,23 @@ mod tests {
         });
         assert_eq!(
             result_ip_and_veth(&r),
-            (Some(Ipv4Addr::new(10, 200, 0, 3)), Some("veth1234abcd".into()))
+            (
+                Some(Ipv4Addr::new(10, 200, 0, 3)),
+                Some("veth1234abcd".into())
+            )
         );
     }
 
     #[test]
     fn classifies_answers() {
-        assert_eq!(answered_by("standin port=15001 orig=10.0.0.1:80"), "stand-in (ztunnel)");
-        assert_eq!(answered_by("peer 10.0.0.1:8080 answered 10.0.0.2:5555"), "peer (direct)");
+        assert_eq!(
+            answered_by("standin port=15001 orig=10.0.0.1:80"),
+            "stand-in (ztunnel)"
+        );
+        assert_eq!(
+            answered_by("peer 10.0.0.1:8080 answered 10.0.0.2:5555"),
+            "peer (direct)"
+        );
         assert_eq!(answered_by("no answer (refused)"), "nobody");
     }
 
@@ -1509,7 +1773,11 @@ mod tests {
         let v = pod_json("web-0", "u1", Some("none"));
         let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(v).unwrap();
         assert_eq!(
-            pod.metadata.labels.unwrap().get("istio.io/dataplane-mode").map(String::as_str),
+            pod.metadata
+                .labels
+                .unwrap()
+                .get("istio.io/dataplane-mode")
+                .map(String::as_str),
             Some("none")
         );
     }

@@ -53,7 +53,15 @@ pub struct ParseError {
 }
 
 const KINDS: [&str; 9] = [
-    "counter", "gauge", "histogram", "summary", "untyped", "unknown", "info", "stateset", "gaugehistogram",
+    "counter",
+    "gauge",
+    "histogram",
+    "summary",
+    "untyped",
+    "unknown",
+    "info",
+    "stateset",
+    "gaugehistogram",
 ];
 
 fn valid_metric_name(s: &str) -> bool {
@@ -72,7 +80,9 @@ fn valid_label_name(s: &str) -> bool {
 fn suffixes(kind: &str) -> &'static [&'static str] {
     match kind {
         "counter" => &["_total", "_created"],
-        "histogram" | "gaugehistogram" => &["_bucket", "_sum", "_count", "_created", "_gsum", "_gcount"],
+        "histogram" | "gaugehistogram" => {
+            &["_bucket", "_sum", "_count", "_created", "_gsum", "_gcount"]
+        }
         "summary" => &["", "_sum", "_count", "_created"],
         "info" => &["_info"],
         _ => &[""],
@@ -148,10 +158,13 @@ fn parse_sample(line: &str) -> Result<Sample, String> {
     let raw = fields.next().ok_or("sample without a value")?;
     let value = parse_value(raw).ok_or_else(|| format!("bad value {raw:?}"))?;
     if let Some(ts) = fields.next() {
-        ts.parse::<f64>().map_err(|_| format!("bad timestamp {ts:?}"))?;
+        ts.parse::<f64>()
+            .map_err(|_| format!("bad timestamp {ts:?}"))?;
     }
     if let Some(extra) = fields.next() {
-        return Err(format!("unexpected {extra:?} after the value (exemplars are not expected)"));
+        return Err(format!(
+            "unexpected {extra:?} after the value (exemplars are not expected)"
+        ));
     }
     Ok(Sample {
         name: name.to_owned(),
@@ -183,7 +196,9 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
             let mut parts = comment.splitn(3, ' ');
             let (kw, name, arg) = (parts.next(), parts.next(), parts.next().unwrap_or(""));
             let Some(name) = name.filter(|n| valid_metric_name(n)) else {
-                return Err(err(format!("comment without a valid metric name: {line:?}")));
+                return Err(err(format!(
+                    "comment without a valid metric name: {line:?}"
+                )));
             };
             let fresh = out.families.last().is_none_or(|f| f.name != name);
             if fresh {
@@ -198,10 +213,17 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
                     samples: Vec::new(),
                 });
             }
-            let fam = out.families.last_mut().ok_or_else(|| err("no family".into()))?;
+            let fam = out
+                .families
+                .last_mut()
+                .ok_or_else(|| err("no family".into()))?;
             match kw {
                 Some("HELP") if fam.help.is_none() => fam.help = Some(arg.to_owned()),
-                Some("TYPE") if KINDS.contains(&arg) && fam.samples.is_empty() && typed.insert(name.to_owned()) => {
+                Some("TYPE")
+                    if KINDS.contains(&arg)
+                        && fam.samples.is_empty()
+                        && typed.insert(name.to_owned()) =>
+                {
                     fam.kind = arg.to_owned()
                 }
                 Some("UNIT") if fam.unit.is_none() && name.ends_with(&format!("_{arg}")) => {
@@ -231,7 +253,10 @@ pub fn parse(text: &str) -> Result<Exposition, ParseError> {
             });
         }
         if !series.insert((sample.name.clone(), sample.labels.clone())) {
-            return Err(err(format!("duplicate series {} {:?}", sample.name, sample.labels)));
+            return Err(err(format!(
+                "duplicate series {} {:?}",
+                sample.name, sample.labels
+            )));
         }
         if let Some(f) = out.families.last_mut() {
             f.samples.push(sample);
@@ -262,13 +287,20 @@ fn check_histogram(f: &Family) -> Result<(), String> {
         }
     }
     for (labels, buckets) in &groups {
-        let ordered = buckets.windows(2).all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1);
+        let ordered = buckets
+            .windows(2)
+            .all(|w| w[0].0 < w[1].0 && w[0].1 <= w[1].1);
         if !ordered {
             return Err(format!("{} {labels:?}: buckets not cumulative", f.name));
         }
         match buckets.last() {
             Some((le, n)) if le.is_infinite() && Some(n) == counts.get(labels) => {}
-            _ => return Err(format!("{} {labels:?}: +Inf bucket missing or != _count", f.name)),
+            _ => {
+                return Err(format!(
+                    "{} {labels:?}: +Inf bucket missing or != _count",
+                    f.name
+                ))
+            }
         }
     }
     Ok(())
@@ -308,28 +340,60 @@ mod tests {
     fn parses_a_valid_exposition() {
         let e = parse(GOOD).unwrap();
         assert!(e.eof);
-        let names: Vec<_> = e.families.iter().map(|f| (f.name.as_str(), f.kind.as_str())).collect();
-        assert_eq!(names, [("reqs", "counter"), ("lat_seconds", "histogram"), ("up", "gauge")]);
+        let names: Vec<_> = e
+            .families
+            .iter()
+            .map(|f| (f.name.as_str(), f.kind.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("reqs", "counter"),
+                ("lat_seconds", "histogram"),
+                ("up", "gauge")
+            ]
+        );
         assert_eq!(e.value("reqs_total", &[("path", "a\"b\\c\n")]), Some(3.0));
         assert_eq!(e.value("lat_seconds_bucket", &[("le", "+Inf")]), Some(2.0));
-        assert_eq!(e.family("lat_seconds").and_then(|f| f.unit.as_deref()), Some("seconds"));
+        assert_eq!(
+            e.family("lat_seconds").and_then(|f| f.unit.as_deref()),
+            Some("seconds")
+        );
     }
 
     #[test]
     fn rejects_malformed_text() {
         let bad = [
-            ("# TYPE x counter\nx_total 1\n# EOF\nx_total 2\n", "after # EOF"),
-            ("# TYPE x counter\nx_total{a=\"1\",a=\"2\"} 1\n", "duplicate label"),
+            (
+                "# TYPE x counter\nx_total 1\n# EOF\nx_total 2\n",
+                "after # EOF",
+            ),
+            (
+                "# TYPE x counter\nx_total{a=\"1\",a=\"2\"} 1\n",
+                "duplicate label",
+            ),
             ("# TYPE x counter\nx_total{a=1} 1\n", "not quoted"),
             ("# TYPE x counter\nx_total{a=\"\\q\"} 1\n", "bad escape"),
             ("# TYPE x counter\nx_total one\n", "bad value"),
-            ("# TYPE x counter\nx_total 1\nx_total 1\n", "duplicate series"),
+            (
+                "# TYPE x counter\nx_total 1\nx_total 1\n",
+                "duplicate series",
+            ),
             ("# TYPE x gauge\n# TYPE x gauge\n", "unexpected comment"),
             ("# TYPE x bogus\n", "unexpected comment"),
-            ("# TYPE x counter\nx_total 1\n# TYPE y gauge\nx_total 2\n", "outside its family"),
+            (
+                "# TYPE x counter\nx_total 1\n# TYPE y gauge\nx_total 2\n",
+                "outside its family",
+            ),
             ("# TYPE 9x gauge\n", "valid metric name"),
-            ("# TYPE h histogram\nh_bucket{le=\"1\"} 3\nh_bucket{le=\"+Inf\"} 2\nh_count 2\n", "not cumulative"),
-            ("# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_count 2\n", "+Inf bucket"),
+            (
+                "# TYPE h histogram\nh_bucket{le=\"1\"} 3\nh_bucket{le=\"+Inf\"} 2\nh_count 2\n",
+                "not cumulative",
+            ),
+            (
+                "# TYPE h histogram\nh_bucket{le=\"1\"} 1\nh_count 2\n",
+                "+Inf bucket",
+            ),
             ("# TYPE x gauge\nx 1 2 3\n", "exemplars"),
         ];
         for (text, want) in bad {

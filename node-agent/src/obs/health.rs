@@ -66,7 +66,10 @@ impl Readiness {
         match c.get(name) {
             Some(Source::Flag(f)) => f.store(value, Ordering::Release),
             _ => {
-                c.insert(name.to_owned(), Source::Flag(Arc::new(AtomicBool::new(value))));
+                c.insert(
+                    name.to_owned(),
+                    Source::Flag(Arc::new(AtomicBool::new(value))),
+                );
             }
         }
     }
@@ -145,10 +148,16 @@ mod tests {
     #[test]
     fn ready_only_when_every_condition_holds() {
         let r = Readiness::agent();
-        assert_eq!(r.failing(), vec![INSTALL_IN_PLACE, PLUGIN_SOCKET_SERVING, POD_SOURCE_SYNCED]);
+        assert_eq!(
+            r.failing(),
+            vec![INSTALL_IN_PLACE, PLUGIN_SOCKET_SERVING, POD_SOURCE_SYNCED]
+        );
         r.set(POD_SOURCE_SYNCED, true);
         r.set(PLUGIN_SOCKET_SERVING, true);
-        assert_eq!(readyz(&r), Reply::text(503, "not ready: install_in_place\n"));
+        assert_eq!(
+            readyz(&r),
+            Reply::text(503, "not ready: install_in_place\n")
+        );
         r.set(INSTALL_IN_PLACE, true);
         assert!(r.is_ready());
         assert_eq!(readyz(&r).status, 200);
@@ -181,21 +190,32 @@ mod tests {
             tokio::task::spawn_blocking(move || http::get(addr, p, Duration::from_secs(5)).unwrap())
         };
         assert_eq!(get("/healthz").await.unwrap(), (200, "ok\n".into()));
-        assert_eq!(get("/readyz").await.unwrap(), (503, "not ready: a, b\n".into()));
+        assert_eq!(
+            get("/readyz").await.unwrap(),
+            (503, "not ready: a, b\n".into())
+        );
         r.set("a", true);
-        assert_eq!(get("/readyz").await.unwrap(), (503, "not ready: b\n".into()));
+        assert_eq!(
+            get("/readyz").await.unwrap(),
+            (503, "not ready: b\n".into())
+        );
         r.set("b", true);
         assert_eq!(get("/readyz").await.unwrap(), (200, "ready\n".into()));
         assert_eq!(get("/other").await.unwrap().0, 404);
         stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
     }
 
     #[tokio::test]
     async fn bind_error_names_the_address() {
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = taken.local_addr().unwrap();
-        let err = serve_health(addr, Readiness::default(), async {}).await.unwrap_err();
+        let err = serve_health(addr, Readiness::default(), async {})
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains(&addr.to_string()), "{err}");
     }
 }

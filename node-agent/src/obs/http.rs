@@ -103,11 +103,13 @@ fn respond(method: &Method, path: &str, handler: &Handler) -> Response<Full<Byte
         Bytes::from(reply.body)
     };
     let mut resp = Response::new(Full::new(body));
-    *resp.status_mut() = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    *resp.status_mut() =
+        StatusCode::from_u16(reply.status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     resp.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static(reply.content_type));
     if reply.status == 405 {
-        resp.headers_mut().insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
+        resp.headers_mut()
+            .insert(ALLOW, HeaderValue::from_static("GET, HEAD"));
     }
     resp
 }
@@ -174,7 +176,11 @@ pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, Stri
     let mut s = TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
     s.set_read_timeout(Some(timeout)).map_err(io)?;
     s.set_write_timeout(Some(timeout)).map_err(io)?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n").map_err(io)?;
+    write!(
+        s,
+        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .map_err(io)?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).map_err(io)?;
     parse_response(&raw).map_err(|what| HttpError::Malformed {
@@ -242,10 +248,19 @@ mod tests {
         assert_eq!(ok, (200, "hello\n".into()));
         assert_eq!(missing.0, 404);
         assert!(raw_post.starts_with("HTTP/1.0 405"), "{raw_post}");
-        assert!(raw_post.to_ascii_lowercase().contains("allow: get, head"), "{raw_post}");
+        assert!(
+            raw_post.to_ascii_lowercase().contains("allow: get, head"),
+            "{raw_post}"
+        );
         assert!(raw_head.starts_with("HTTP/1.0 200"), "{raw_head}");
-        assert!(raw_head.ends_with("\r\n\r\n"), "HEAD has no body: {raw_head:?}");
+        assert!(
+            raw_head.ends_with("\r\n\r\n"),
+            "HEAD has no body: {raw_head:?}"
+        );
         stop.send(()).unwrap();
-        tokio::time::timeout(Duration::from_secs(5), server).await.unwrap().unwrap();
+        tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .unwrap()
+            .unwrap();
     }
 }

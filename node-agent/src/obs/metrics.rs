@@ -6,7 +6,7 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Duration;
 
 use ambient_cni_api::plugin as pb;
@@ -80,9 +80,13 @@ const ENROLMENT_RESULTS: [&str; 4] = ["enabled", "pending", "netns_error", "rule
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 /// Seconds; plugin ADD is budgeted at `timeout_ms` (5 s by default).
-const ADD_BUCKETS: [f64; 13] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+const ADD_BUCKETS: [f64; 13] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
 /// Seconds; one netns entry plus a restore batch or a netlink transaction.
-const RULES_BUCKETS: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+const RULES_BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
 /// Seconds; a full reconciliation of every held pod.
 const RECONCILE_BUCKETS: [f64; 10] = [0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0];
 
@@ -109,6 +113,8 @@ pub struct Metrics {
     installs: Family<ResultLabel, Counter>,
     install_ready: Gauge,
     hooks: RwLock<Vec<ScrapeHook>>,
+    /// Serialises the `sync_*` read-then-add (two scrapes may run at once).
+    sync: Mutex<()>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -152,7 +158,8 @@ impl Metrics {
             "Enrolment attempts, by result",
             enrolments.clone(),
         );
-        let rules_apply: HistogramFamily<BackendLabel> = Family::new_with_constructor(rules_histogram);
+        let rules_apply: HistogramFamily<BackendLabel> =
+            Family::new_with_constructor(rules_histogram);
         r.register_with_unit(
             "ambient_cni_rules_apply_duration",
             "Time to install the in-pod rules and route in one pod netns, by backend",
@@ -218,12 +225,22 @@ impl Metrics {
         for response_code in ["200", "400", "500", "503"] {
             let _ = istio_plugin_requests.get_or_create(&ResponseCode { response_code });
         }
-        for result in [result::CAPTURED, result::NOT_IN_MESH, result::UNAVAILABLE, result::REFUSED, result::ERROR] {
-            let _ = plugin_requests.get_or_create(&PluginLabels { command: "ADD", result });
+        for result in [
+            result::CAPTURED,
+            result::NOT_IN_MESH,
+            result::UNAVAILABLE,
+            result::REFUSED,
+            result::ERROR,
+        ] {
+            let _ = plugin_requests.get_or_create(&PluginLabels {
+                command: "ADD",
+                result,
+            });
         }
         for r#type in ["add", "update", "delete", "namespace"] {
             let _ = reconcile_events.get_or_create(&TypeLabel { r#type });
         }
+        let _ = installs.get_or_create(&ResultLabel { result: "SUCCESS" });
         Self {
             registry: r,
             plugin_requests,
@@ -240,6 +257,7 @@ impl Metrics {
             installs,
             install_ready,
             hooks: RwLock::new(Vec::new()),
+            sync: Mutex::new(()),
         }
     }
 
@@ -286,7 +304,11 @@ impl Metrics {
 
     /// Held pods by state.
     pub fn set_pods(&self, enabled: usize, pending: usize, failed: usize) {
-        for (state, n) in [("enabled", enabled), ("pending", pending), ("failed", failed)] {
+        for (state, n) in [
+            ("enabled", enabled),
+            ("pending", pending),
+            ("failed", failed),
+        ] {
             self.pods.get_or_create(&StateLabel { state }).set(n as i64);
         }
     }
@@ -307,6 +329,26 @@ impl Metrics {
     /// The installer repaired the plugin binary or its conflist entry.
     pub fn install_repair(&self) {
         self.install_repairs.inc();
+    }
+
+    /// Brings the repairs counter up to `total` (for an installer that keeps its own count;
+    /// a counter never goes down, so a lower `total` is ignored).
+    pub fn sync_install_repairs(&self, total: u64) {
+        let _one = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+        let now = self.install_repairs.get();
+        if total > now {
+            self.install_repairs.inc_by(total - now);
+        }
+    }
+
+    /// Brings `istio_cni_installs_total{result}` up to `total` (see [`Metrics::sync_install_repairs`]).
+    pub fn sync_installs(&self, result: &'static str, total: u64) {
+        let _one = self.sync.lock().unwrap_or_else(|e| e.into_inner());
+        let c = self.installs.get_or_create(&ResultLabel { result });
+        let now = c.get();
+        if total > now {
+            c.inc_by(total - now);
+        }
     }
 
     /// One installer run ended with `result` (Istio's values: `SUCCESS`, `COPY_BINARIES_FAILURE`,
@@ -359,11 +401,14 @@ pub fn global() -> &'static Arc<Metrics> {
 
 /// Held pods as (enabled, pending, failed): pending pods whose last attempt failed count as failed.
 pub fn pod_states(table: &Table) -> (usize, usize, usize) {
-    table.all().iter().fold((0, 0, 0), |(e, p, f), h| match (h.phase, &h.last_error) {
-        (Phase::Enabled, _) => (e + 1, p, f),
-        (Phase::Pending, None) => (e, p + 1, f),
-        (Phase::Pending, Some(_)) => (e, p, f + 1),
-    })
+    table
+        .all()
+        .iter()
+        .fold((0, 0, 0), |(e, p, f), h| match (h.phase, &h.last_error) {
+            (Phase::Enabled, _) => (e + 1, p, f),
+            (Phase::Pending, None) => (e, p + 1, f),
+            (Phase::Pending, Some(_)) => (e, p, f + 1),
+        })
 }
 
 /// The `result` label of an enrolment: `enabled`, `pending` (ztunnel did not take it),
@@ -380,9 +425,9 @@ pub fn enrolment_result(r: &Result<(), EnrollError>) -> &'static str {
 /// The `result` label of a failed plugin request, from its gRPC status.
 pub fn status_result(s: &tonic::Status) -> &'static str {
     match s.code() {
-        tonic::Code::Unavailable | tonic::Code::ResourceExhausted | tonic::Code::DeadlineExceeded => {
-            result::UNAVAILABLE
-        }
+        tonic::Code::Unavailable
+        | tonic::Code::ResourceExhausted
+        | tonic::Code::DeadlineExceeded => result::UNAVAILABLE,
         tonic::Code::InvalidArgument | tonic::Code::FailedPrecondition => result::REFUSED,
         _ => result::ERROR,
     }
@@ -463,10 +508,18 @@ mod tests {
             ("istio_cni_installs", "counter"),
             ("istio_cni_install_ready", "gauge"),
         ];
-        let got: Vec<(&str, &str)> = e.families.iter().map(|f| (f.name.as_str(), f.kind.as_str())).collect();
+        let got: Vec<(&str, &str)> = e
+            .families
+            .iter()
+            .map(|f| (f.name.as_str(), f.kind.as_str()))
+            .collect();
         assert_eq!(got, want);
         for f in &e.families {
-            assert!(f.help.as_deref().is_some_and(|h| !h.is_empty()), "{} has no help", f.name);
+            assert!(
+                f.help.as_deref().is_some_and(|h| !h.is_empty()),
+                "{} has no help",
+                f.name
+            );
         }
     }
 
@@ -487,28 +540,93 @@ mod tests {
         m.reconcile(Duration::from_millis(40));
         m.reconcile_event("delete");
         m.install_repair();
+        m.sync_install_repairs(3);
+        m.sync_install_repairs(2);
+        m.sync_installs("SUCCESS", 2);
         m.set_install_ready(true);
         let e = scrape(&m);
         let v = |n: &str, l: &[(&str, &str)]| e.value(n, l).unwrap_or_else(|| panic!("{n} {l:?}"));
-        assert_eq!(v("ambient_cni_plugin_requests_total", &[("command", "ADD"), ("result", "captured")]), 2.0);
-        assert_eq!(v("ambient_cni_plugin_requests_total", &[("command", "DEL"), ("result", "ok")]), 1.0);
-        assert_eq!(v("istio_cni_plugin_requests_total", &[("response_code", "200")]), 3.0);
-        assert_eq!(v("istio_cni_plugin_requests_total", &[("response_code", "503")]), 1.0);
-        assert_eq!(v("istio_cni_plugin_requests_total", &[("response_code", "500")]), 0.0);
-        assert_eq!(v("ambient_cni_enrolments_total", &[("result", "rules_error")]), 0.0);
+        assert_eq!(
+            v(
+                "ambient_cni_plugin_requests_total",
+                &[("command", "ADD"), ("result", "captured")]
+            ),
+            2.0
+        );
+        assert_eq!(
+            v(
+                "ambient_cni_plugin_requests_total",
+                &[("command", "DEL"), ("result", "ok")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            v(
+                "istio_cni_plugin_requests_total",
+                &[("response_code", "200")]
+            ),
+            3.0
+        );
+        assert_eq!(
+            v(
+                "istio_cni_plugin_requests_total",
+                &[("response_code", "503")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            v(
+                "istio_cni_plugin_requests_total",
+                &[("response_code", "500")]
+            ),
+            0.0
+        );
+        assert_eq!(
+            v("ambient_cni_enrolments_total", &[("result", "rules_error")]),
+            0.0
+        );
         assert_eq!(v("ambient_cni_plugin_add_duration_seconds_count", &[]), 2.0);
-        assert_eq!(v("ambient_cni_plugin_add_duration_seconds_bucket", &[("le", "0.0025")]), 1.0);
-        assert_eq!(v("ambient_cni_plugin_add_duration_seconds_bucket", &[("le", "0.5")]), 2.0);
-        assert_eq!(v("ambient_cni_enrolments_total", &[("result", "enabled")]), 1.0);
-        assert_eq!(v("ambient_cni_rules_apply_duration_seconds_count", &[("backend", "iptables")]), 1.0);
+        assert_eq!(
+            v(
+                "ambient_cni_plugin_add_duration_seconds_bucket",
+                &[("le", "0.0025")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            v(
+                "ambient_cni_plugin_add_duration_seconds_bucket",
+                &[("le", "0.5")]
+            ),
+            2.0
+        );
+        assert_eq!(
+            v("ambient_cni_enrolments_total", &[("result", "enabled")]),
+            1.0
+        );
+        assert_eq!(
+            v(
+                "ambient_cni_rules_apply_duration_seconds_count",
+                &[("backend", "iptables")]
+            ),
+            1.0
+        );
         assert_eq!(v("ztunnel_connected", &[]), 2.0);
         assert_eq!(v("ambient_cni_pods", &[("state", "enabled")]), 3.0);
         assert_eq!(v("ambient_cni_pods", &[("state", "pending")]), 1.0);
         assert_eq!(v("ambient_cni_pods", &[("state", "failed")]), 0.0);
         assert_eq!(v("ambient_cni_reconcile_runs_total", &[]), 1.0);
         assert_eq!(v("ambient_cni_reconcile_duration_seconds_count", &[]), 1.0);
-        assert_eq!(v("nodeagent_reconcile_events_total", &[("type", "delete")]), 1.0);
-        assert_eq!(v("ambient_cni_install_repairs_total", &[]), 1.0);
+        assert_eq!(
+            v("nodeagent_reconcile_events_total", &[("type", "delete")]),
+            1.0
+        );
+        assert_eq!(
+            v("ambient_cni_install_repairs_total", &[]),
+            3.0,
+            "synced up, never down"
+        );
+        assert_eq!(v("istio_cni_installs_total", &[("result", "SUCCESS")]), 2.0);
         assert_eq!(v("istio_cni_install_ready", &[]), 1.0);
     }
 
@@ -527,13 +645,29 @@ mod tests {
     fn result_labels_follow_the_outcome() {
         assert_eq!(add_result(&Ok(pb::Decision::Captured)), "captured");
         assert_eq!(add_result(&Ok(pb::Decision::NotInMesh)), "not_in_mesh");
-        assert_eq!(add_result(&Err(tonic::Status::unavailable("x"))), "unavailable");
-        assert_eq!(add_result(&Err(tonic::Status::invalid_argument("x"))), "refused");
+        assert_eq!(
+            add_result(&Err(tonic::Status::unavailable("x"))),
+            "unavailable"
+        );
+        assert_eq!(
+            add_result(&Err(tonic::Status::invalid_argument("x"))),
+            "refused"
+        );
         assert_eq!(add_result(&Err(tonic::Status::internal("x"))), "error");
-        assert_eq!(outcome(&Ok::<bool, tonic::Status>(false), |ok| *ok), "not_ok");
+        assert_eq!(
+            outcome(&Ok::<bool, tonic::Status>(false), |ok| *ok),
+            "not_ok"
+        );
         assert_eq!(outcome(&Ok::<(), tonic::Status>(()), |_| true), "ok");
-        let pod = crate::pods::PodId { namespace: "n".into(), name: "p".into(), uid: "u".into() };
-        let err = EnrollError::Ztunnel { pod, msg: "m".into() };
+        let pod = crate::pods::PodId {
+            namespace: "n".into(),
+            name: "p".into(),
+            uid: "u".into(),
+        };
+        let err = EnrollError::Ztunnel {
+            pod,
+            msg: "m".into(),
+        };
         assert_eq!(enrolment_result(&Err(err)), "pending");
         assert_eq!(enrolment_result(&Ok(())), "enabled");
     }
@@ -560,9 +694,19 @@ mod tests {
         .unwrap();
         let (head, body) = raw.split_once("\r\n\r\n").unwrap();
         assert!(head.starts_with("HTTP/1.0 200"), "{head}");
-        assert!(head.to_ascii_lowercase().contains(&format!("content-type: {CONTENT_TYPE}")), "{head}");
+        assert!(
+            head.to_ascii_lowercase()
+                .contains(&format!("content-type: {CONTENT_TYPE}")),
+            "{head}"
+        );
         let e = expo::parse(body).unwrap();
-        assert_eq!(e.value("istio_cni_plugin_requests_total", &[("response_code", "200")]), Some(1.0));
+        assert_eq!(
+            e.value(
+                "istio_cni_plugin_requests_total",
+                &[("response_code", "200")]
+            ),
+            Some(1.0)
+        );
         stop.send(()).unwrap();
         server.await.unwrap();
     }

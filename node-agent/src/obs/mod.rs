@@ -25,7 +25,17 @@ where
 {
     let h = http::bind(health_addr).await?;
     let m = http::bind(metrics_addr).await?;
-    tokio::spawn(http::serve(h, "health", health::handler(readiness), shutdown()));
-    tokio::spawn(http::serve(m, "metrics", metrics::handler(metrics), shutdown()));
+    tokio::spawn(http::serve(
+        h,
+        "health",
+        health::handler(readiness),
+        shutdown(),
+    ));
+    tokio::spawn(http::serve(
+        m,
+        "metrics",
+        metrics::handler(metrics),
+        shutdown(),
+    ));
     Ok(())
 }
