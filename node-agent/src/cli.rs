@@ -54,7 +54,7 @@ pub enum Command {
         run_dir: PathBuf,
     },
     /// Run the local demo (real netns pods, the real CNI chain, the agent, a ztunnel stand-in).
-    Demo,
+    Demo(crate::cmd::demo::DemoArgs),
 }
 
 /// Logging flags shared by the daemon and the tools.
@@ -145,6 +145,12 @@ pub struct RunArgs {
     /// The host's /proc (`/host/proc` in a pod).
     #[arg(long, env = "HOST_PROC", default_value = "/proc")]
     pub host_proc: PathBuf,
+    /// Health port (`/healthz`, `/readyz`).
+    #[arg(long, env = "HEALTH_ADDR", default_value = "0.0.0.0:8000")]
+    pub health_addr: std::net::SocketAddr,
+    /// Prometheus metrics port (`/metrics`).
+    #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:15014")]
+    pub metrics_addr: std::net::SocketAddr,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,

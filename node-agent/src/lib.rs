@@ -7,6 +7,7 @@ pub mod discovery;
 pub mod inpod;
 pub mod logging;
 pub mod mesh;
+pub mod obs;
 pub mod plugin_server;
 pub mod pods;
 pub mod policy;
@@ -40,6 +41,6 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::LogLevel { level, run_dir } => admin::set_log_level(&run_dir, &level),
-        Command::Demo => anyhow::bail!("not yet: the demo lands with the operability work"),
+        Command::Demo(args) => cmd::demo::run(args),
     }
 }

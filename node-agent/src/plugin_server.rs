@@ -73,7 +73,12 @@ impl<H: PodHandler> Plugin for Service<H> {
     async fn add(&self, req: Request<pb::AddRequest>) -> Result<Response<pb::AddResponse>, Status> {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
-        let decision = self.handler.add(req).await?;
+        let started = std::time::Instant::now();
+        let res = self.handler.add(req).await;
+        let m = crate::obs::metrics::global();
+        m.add_latency(started.elapsed());
+        m.plugin_request("ADD", crate::obs::metrics::add_result(&res));
+        let decision = res?;
         Ok(Response::new(pb::AddResponse {
             decision: decision as i32,
             message: String::new(),
@@ -83,7 +88,10 @@ impl<H: PodHandler> Plugin for Service<H> {
     async fn del(&self, req: Request<pb::DelRequest>) -> Result<Response<pb::DelResponse>, Status> {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
-        self.handler.del(req).await?;
+        let res = self.handler.del(req).await;
+        crate::obs::metrics::global()
+            .plugin_request("DEL", crate::obs::metrics::outcome(&res, |_| true));
+        res?;
         Ok(Response::new(pb::DelResponse {}))
     }
 
@@ -93,7 +101,10 @@ impl<H: PodHandler> Plugin for Service<H> {
     ) -> Result<Response<pb::CheckResponse>, Status> {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
-        Ok(Response::new(self.handler.check(req).await?))
+        let res = self.handler.check(req).await;
+        crate::obs::metrics::global()
+            .plugin_request("CHECK", crate::obs::metrics::outcome(&res, |r| r.ok));
+        Ok(Response::new(res?))
     }
 
     async fn status(
@@ -102,13 +113,18 @@ impl<H: PodHandler> Plugin for Service<H> {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         check_version(req.into_inner().protocol_version)?;
         let (ready, message) = self.handler.ready();
+        crate::obs::metrics::global()
+            .plugin_request("STATUS", crate::obs::metrics::outcome(&Ok(ready), |r| *r));
         Ok(Response::new(pb::StatusResponse { ready, message }))
     }
 
     async fn gc(&self, req: Request<pb::GcRequest>) -> Result<Response<pb::GcResponse>, Status> {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
-        self.handler.gc(req).await?;
+        let res = self.handler.gc(req).await;
+        crate::obs::metrics::global()
+            .plugin_request("GC", crate::obs::metrics::outcome(&res, |_| true));
+        res?;
         Ok(Response::new(pb::GcResponse {}))
     }
 }

@@ -136,11 +136,27 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         args.host_proc.clone(),
         host,
     ));
+    let metrics = crate::obs::metrics::global().clone();
+    metrics.watch_enroller(enroller.clone());
     let controller = Controller::new(policy, enroller, source);
+    let readiness = crate::obs::health::Readiness::agent();
+    let ctl = controller.clone();
+    readiness.check(crate::obs::health::POD_SOURCE_SYNCED, move || {
+        ctl.is_ready()
+    });
+    crate::obs::start_servers(
+        args.health_addr,
+        args.metrics_addr,
+        readiness.clone(),
+        metrics.clone(),
+        crate::run::shutdown_signal,
+    )
+    .await?;
 
     // The plugin socket opens first: until state is rebuilt it answers "try again".
     let socket = std::path::PathBuf::from(&args.install.agent_socket);
     let listener = plugin_server::bind(&socket)?;
+    readiness.set(crate::obs::health::PLUGIN_SOCKET_SERVING, true);
     let uid = nix::unistd::geteuid().as_raw();
     let plugin = tokio::spawn(plugin_server::serve(
         listener,
@@ -163,8 +179,24 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
 
     // Then the CNI config (Istio's order): the kubelet only chains us once we can answer.
     let install_ready = Arc::new(std::sync::atomic::AtomicBool::new(!args.install_cni));
+    let ready = install_ready.clone();
+    readiness.check(crate::obs::health::INSTALL_IN_PLACE, move || {
+        ready.load(std::sync::atomic::Ordering::Acquire)
+    });
+    let ready = install_ready.clone();
+    metrics
+        .on_scrape(move |m| m.set_install_ready(ready.load(std::sync::atomic::Ordering::Acquire)));
     let installer = if args.install_cni {
         let inst = Arc::new(args.install.installer().context("installer settings")?);
+        let watched = inst.clone();
+        metrics.on_scrape(move |m| {
+            // Every write after the first install is a repair.
+            let writes = watched
+                .stats()
+                .writes
+                .load(std::sync::atomic::Ordering::Relaxed);
+            m.sync_install_repairs(writes.saturating_sub(1));
+        });
         let ready = install_ready.clone();
         let runner = inst.clone();
         Some(tokio::spawn(async move {

@@ -321,6 +321,9 @@ impl AgentProcess {
             .arg("--install-cni=false")
             .args(extra)
             .env("NODE_NAME", "test-node")
+            // Any free port: tests run agents side by side (flags in `extra` override).
+            .env("HEALTH_ADDR", "127.0.0.1:0")
+            .env("METRICS_ADDR", "127.0.0.1:0")
             .stdout(logf.try_clone().expect("log fd"))
             .stderr(logf);
         if !extra.contains(&"--log-level") {

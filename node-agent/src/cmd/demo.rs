@@ -1174,7 +1174,7 @@ fn steps(args: &DemoArgs, env: &mut Env) -> Result<()> {
     traffic(&pods, &peer_ns, peer_addr, &expect_all)?;
     println!(
         "  outbound TCP is redirected to :15001 in the pod and the stand-in reads the original \
-         destination; inbound goes to :15006 by TPROXY"
+         destination; inbound is redirected to :15006 (and the reply routed back by the connmark + policy route)"
     );
 
     let released = &pods[0];

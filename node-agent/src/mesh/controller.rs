@@ -151,6 +151,18 @@ impl Controller {
     }
 
     fn handle(self: Arc<Self>, ev: SourceEvent) {
+        let kind = match &ev {
+            SourceEvent::Pod(p) if self.cache().pods.contains_key(&pods::pod_id(p).uid) => {
+                Some("update")
+            }
+            SourceEvent::Pod(_) => Some("add"),
+            SourceEvent::PodDeleted(_) => Some("delete"),
+            SourceEvent::Namespace { .. } => Some("namespace"),
+            SourceEvent::Synced => None,
+        };
+        if let Some(kind) = kind {
+            crate::obs::metrics::global().reconcile_event(kind);
+        }
         let old_labels = self.absorb(&ev);
         match ev {
             SourceEvent::Pod(p) => {
@@ -408,6 +420,7 @@ impl Controller {
             self.enroller.store().remove(&rec.uid);
         }
         self.enroller.resync_probes();
+        crate::obs::metrics::global().reconcile(started.elapsed());
         info!(
             held = self.enroller.table.all().len(),
             reapplied,

@@ -202,7 +202,7 @@ impl Enroller {
     /// Puts a pod in the mesh; on success it is held `Enabled`.
     pub async fn add(&self, req: Request) -> Result<(), EnrollError> {
         let span = info_span!("enroll", namespace = %req.id.namespace, pod = %req.id.name, uid = %req.id.uid);
-        async {
+        let result = async {
             let lock = self.pod_lock(&req.id.uid);
             let _guard = lock.lock().await;
             let (netns, path) = self.netns_for(&req).await?;
@@ -233,7 +233,9 @@ impl Enroller {
             self.announce(&req.id).await
         }
         .instrument(span)
-        .await
+        .await;
+        crate::obs::metrics::global().enrolment(crate::obs::metrics::enrolment_result(&result));
+        result
     }
 
     /// Tells ztunnel about a held pod and finishes its enrolment; the pod stays
@@ -297,14 +299,20 @@ impl Enroller {
         cfg: &InpodConfig,
     ) -> Result<(), EnrollError> {
         let (r, ns, c) = (self.redirector.clone(), netns.clone(), cfg.clone());
-        tokio::task::spawn_blocking(move || r.apply(&ns, &c))
+        let started = std::time::Instant::now();
+        let res = tokio::task::spawn_blocking(move || r.apply(&ns, &c))
             .await
             .map_err(|e| e.to_string())
             .and_then(|r| r.map_err(|e| e.to_string()))
             .map_err(|msg| EnrollError::Rules {
                 pod: id.clone(),
                 msg,
-            })
+            });
+        if res.is_ok() {
+            crate::obs::metrics::global()
+                .rules_apply(self.redirector.kind().as_str(), started.elapsed());
+        }
+        res
     }
 
     /// Takes a pod out of the mesh. `deleted`: the pod (and its netns) is going
