@@ -152,6 +152,12 @@ pub struct InstallerStats {
     pub reconciles: AtomicU64,
     /// Repairs the throttle delayed.
     pub throttled: AtomicU64,
+    /// Watch-loop passes that had to put something back (the primary CNI or someone removed it).
+    pub repairs: AtomicU64,
+    /// Install passes that ended with our config in place or waiting for a primary.
+    pub successes: AtomicU64,
+    /// Install passes that failed.
+    pub failures: AtomicU64,
 }
 
 /// The action one pass must take on the config.
@@ -258,6 +264,17 @@ impl Installer {
     /// One install pass: copy the binary (first, so a config never names a missing binary),
     /// then put our entry in place. Writes only what differs.
     pub fn install_once(&self) -> Result<InstallOutcome, InstallError> {
+        let res = self.install_pass();
+        let counter = if res.is_ok() {
+            &self.stats.successes
+        } else {
+            &self.stats.failures
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        res
+    }
+
+    fn install_pass(&self) -> Result<InstallOutcome, InstallError> {
         let bin_dir = &self.cfg.cni_bin_dir;
         if !bin_dir.is_dir() {
             return Err(InstallError::io(

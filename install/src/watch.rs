@@ -243,6 +243,7 @@ impl Installer {
         }
         let outcome = self.install_once()?;
         if outcome.wrote() {
+            self.stats().repairs.fetch_add(1, Ordering::Relaxed);
             info!(?outcome, "repaired ambient-cni installation");
         }
         Ok(Some(outcome.is_installed()))

@@ -190,12 +190,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         let inst = Arc::new(args.install.installer().context("installer settings")?);
         let watched = inst.clone();
         metrics.on_scrape(move |m| {
-            // Every write after the first install is a repair.
-            let writes = watched
-                .stats()
-                .writes
-                .load(std::sync::atomic::Ordering::Relaxed);
-            m.sync_install_repairs(writes.saturating_sub(1));
+            use std::sync::atomic::Ordering::Relaxed;
+            let st = watched.stats();
+            m.sync_install_repairs(st.repairs.load(Relaxed));
+            m.sync_installs("SUCCESS", st.successes.load(Relaxed));
+            m.sync_installs("CREATE_CNI_CONFIG_FAILURE", st.failures.load(Relaxed));
         });
         let ready = install_ready.clone();
         let runner = inst.clone();
