@@ -30,6 +30,11 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Uninstall(args) => {
             let out = ambient_cni_install::cli::run_uninstall(&args)?;
             println!("{out:?}");
+            // The host probe SNAT table and its sets go too (kept across upgrades).
+            match iptables_rules::nft::host::NftHostProbe.remove() {
+                Ok(()) => println!("host probe rules removed"),
+                Err(e) => eprintln!("host probe rules: {e}"),
+            }
             Ok(())
         }
         Command::Status { run_dir, json } => admin::print_status(&run_dir, json),
