@@ -10,6 +10,7 @@ need ip iproute2
 need musl-gcc musl-tools
 need ps procps
 need pip3 python3-pip
+need g++ g++  # libFuzzer (cargo-fuzz) is C++
 [ -x /usr/lib/cni/bridge ] && [ -x /usr/lib/cni/host-local ] || pkgs+=(containernetworking-plugins)
 if [ ${#pkgs[@]} -gt 0 ]; then
   echo "installing: ${pkgs[*]}"

@@ -6,7 +6,9 @@ use ambient_cni_agent::discovery::cgroup::pod_uid;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     let got = pod_uid(text);
     if let Ok(Some(uid)) = &got {
         assert_eq!(uid.len(), 36, "{uid}");

@@ -82,7 +82,10 @@ impl PodHandler for Recorder {
     }
     async fn check(&self, req: pb::CheckRequest) -> Result<pb::CheckResponse, Status> {
         self.put(&req);
-        Ok(pb::CheckResponse { ok: true, message: String::new() })
+        Ok(pb::CheckResponse {
+            ok: true,
+            message: String::new(),
+        })
     }
     fn ready(&self) -> (bool, String) {
         (true, String::new())
@@ -121,12 +124,20 @@ fn world() -> &'static World {
             Endpoint::from_static("http://agent.local")
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
                     let path = path.clone();
-                    async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
                 }))
                 .await
                 .expect("connect")
         });
-        World { rt, channel, recorder }
+        World {
+            rt,
+            channel,
+            recorder,
+        }
     })
 }
 
@@ -139,26 +150,50 @@ fn decodes<M: Message + Default>(data: &[u8], version: impl Fn(&M) -> i32) -> Op
 }
 
 fuzz_target!(|input: &[u8]| {
-    let Some((&sel, data)) = input.split_first() else { return };
+    let Some((&sel, data)) = input.split_first() else {
+        return;
+    };
     let w = world();
     let (path, expect): (&'static str, Option<(Vec<u8>, i32)>) = match sel % 5 {
-        0 => ("/ambient_cni.plugin.v1.Plugin/Add",
-              decodes::<pb::AddRequest>(data, |m| m.protocol_version).map(|(m, v)| (m.encode_to_vec(), v))),
-        1 => ("/ambient_cni.plugin.v1.Plugin/Del",
-              decodes::<pb::DelRequest>(data, |m| m.protocol_version).map(|(m, v)| (m.encode_to_vec(), v))),
-        2 => ("/ambient_cni.plugin.v1.Plugin/Check",
-              decodes::<pb::CheckRequest>(data, |m| m.protocol_version).map(|(m, v)| (m.encode_to_vec(), v))),
-        3 => ("/ambient_cni.plugin.v1.Plugin/Status",
-              decodes::<pb::StatusRequest>(data, |m| m.protocol_version).map(|(_, v)| (Vec::new(), v))),
-        _ => ("/ambient_cni.plugin.v1.Plugin/Gc",
-              decodes::<pb::GcRequest>(data, |m| m.protocol_version).map(|(m, v)| (m.encode_to_vec(), v))),
+        0 => (
+            "/ambient_cni.plugin.v1.Plugin/Add",
+            decodes::<pb::AddRequest>(data, |m| m.protocol_version)
+                .map(|(m, v)| (m.encode_to_vec(), v)),
+        ),
+        1 => (
+            "/ambient_cni.plugin.v1.Plugin/Del",
+            decodes::<pb::DelRequest>(data, |m| m.protocol_version)
+                .map(|(m, v)| (m.encode_to_vec(), v)),
+        ),
+        2 => (
+            "/ambient_cni.plugin.v1.Plugin/Check",
+            decodes::<pb::CheckRequest>(data, |m| m.protocol_version)
+                .map(|(m, v)| (m.encode_to_vec(), v)),
+        ),
+        3 => (
+            "/ambient_cni.plugin.v1.Plugin/Status",
+            decodes::<pb::StatusRequest>(data, |m| m.protocol_version)
+                .map(|(_, v)| (Vec::new(), v)),
+        ),
+        _ => (
+            "/ambient_cni.plugin.v1.Plugin/Gc",
+            decodes::<pb::GcRequest>(data, |m| m.protocol_version)
+                .map(|(m, v)| (m.encode_to_vec(), v)),
+        ),
     };
     let body = data.to_vec();
     let mut grpc = tonic::client::Grpc::new(w.channel.clone());
     let res = w.rt.block_on(async move {
         tokio::time::timeout(Duration::from_secs(10), async move {
-            grpc.ready().await.map_err(|e| Status::unknown(e.to_string()))?;
-            grpc.unary(tonic::Request::new(body), PathAndQuery::from_static(path), Raw).await
+            grpc.ready()
+                .await
+                .map_err(|e| Status::unknown(e.to_string()))?;
+            grpc.unary(
+                tonic::Request::new(body),
+                PathAndQuery::from_static(path),
+                Raw,
+            )
+            .await
         })
         .await
     });

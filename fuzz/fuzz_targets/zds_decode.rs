@@ -22,7 +22,10 @@ fuzz_target!(|data: &[u8]| {
                     .expect("our own encoding decodes");
                 assert_eq!(back, req, "encode/decode round trip");
             }
-            Err(e) => assert!(req.encoded_len() > MAX_MESSAGE_LEN, "refused below the limit: {e}"),
+            Err(e) => assert!(
+                req.encoded_len() > MAX_MESSAGE_LEN,
+                "refused below the limit: {e}"
+            ),
         }
     }
 });

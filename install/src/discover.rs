@@ -5,7 +5,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::error::InstallError;
-use crate::merge::{classify, ConfKind, CONF_EXTENSIONS};
+use crate::merge::{classify, only_ours, ConfKind, CONF_EXTENSIONS};
 
 /// A config file read from the conf dir.
 #[derive(Debug, Clone)]
@@ -62,6 +62,9 @@ pub fn candidates(files: &[ConfFile]) -> (Vec<Candidate>, Vec<(String, String)>)
     let mut skipped = Vec::new();
     for f in files {
         let kind = match &f.text {
+            Ok(t) if only_ours(t) => {
+                Err("holds only our own plugin: not a primary network config".to_string())
+            }
             Ok(t) => classify(&f.name, t).map(|k| (k, t)),
             Err(e) => Err(format!("unreadable: {e}")),
         };
@@ -109,11 +112,17 @@ mod tests {
             f("00-broken.conflist", "{"),
             f("01-notype.conf", r#"{"name":"x"}"#),
             f("02-empty.conflist", r#"{"name":"x","plugins":[]}"#),
+            f("03-ours.conf", r#"{"type":"ambient-cni"}"#),
+            f(
+                "04-ours.conflist",
+                r#"{"name":"o","plugins":[{"type":"ambient-cni"}]}"#,
+            ),
             f("10-b.conflist", r#"{"name":"b","plugins":[{"type":"b"}]}"#),
             f("20-a.conf", r#"{"type":"a"}"#),
         ];
         let (valid, skipped) = candidates(&files);
-        assert_eq!(skipped.len(), 3);
+        assert_eq!(skipped.len(), 5);
+        assert!(skipped[3].1.contains("only our own plugin"), "{skipped:?}");
         assert_eq!(primary(&valid, None, None).unwrap().name, "10-b.conflist");
         assert_eq!(
             primary(&valid, None, Some("10-b.conflist")).unwrap().name,

@@ -94,6 +94,12 @@ pub fn plugin_types(text: &str) -> Result<Vec<String>, MergeError> {
     })
 }
 
+/// Whether every plugin `text` names is ours: such a file is no primary network config.
+pub fn only_ours(text: &str) -> bool {
+    plugin_types(text)
+        .is_ok_and(|ts| !ts.is_empty() && ts.iter().all(|t| t == crate::entry::PLUGIN_TYPE))
+}
+
 /// Where our entry stands in the conflist `text`.
 pub fn entry_state(text: &str, entry: &PluginEntry) -> Result<EntryState, MergeError> {
     let v: Value = serde_json::from_str(text)?;
@@ -193,31 +199,27 @@ pub fn convert(text: &str, entry: &PluginEntry) -> Result<String, MergeError> {
         plugin.replace_range(cut.start - root.start..cut.end - root.start, "");
     }
     let q = |s: &str| Value::String(s.to_string()).to_string();
+    // Wrap first, then chain with `insert`, so that the entry is laid out exactly as a later
+    // repair (`insert` again) would lay it out: the result is a fixed point of `insert`.
     let body = if plugin.contains('\n') {
         let u = indent_unit(text);
         let inner = format!("{u}{u}");
         format!(
-            "{{\n{u}\"cniVersion\": {},\n{u}\"name\": {},\n{u}\"plugins\": [\n{inner}{},\n{inner}{}\n{u}]\n}}",
+            "{{\n{u}\"cniVersion\": {},\n{u}\"name\": {},\n{u}\"plugins\": [\n{inner}{}\n{u}]\n}}",
             q(version),
             q(name),
             reindent(&plugin, &inner),
-            reindent(&pretty(entry, &u), &inner),
         )
     } else {
         format!(
-            "{{\"cniVersion\":{},\"name\":{},\"plugins\":[{},{}]}}",
+            "{{\"cniVersion\":{},\"name\":{},\"plugins\":[{}]}}",
             q(version),
             q(name),
             plugin,
-            compact(entry)
         )
     };
-    Ok(format!(
-        "{}{}{}",
-        &text[..root.start],
-        body,
-        &text[root.end..]
-    ))
+    let wrapped = format!("{}{}{}", &text[..root.start], body, &text[root.end..]);
+    insert(&wrapped, entry)
 }
 
 /// The conflist text for `text` (of kind `kind`) with our entry chained last.
@@ -384,6 +386,36 @@ mod tests {
         assert_eq!(v["cniVersion"], FALLBACK_CNI_VERSION);
         assert_eq!(v["name"], FALLBACK_NETWORK_NAME);
         assert!(!out.contains('\n'));
+    }
+
+    /// Fuzz finding (fuzz/regressions/conflist_merge/mixed-indent.conf): a `.conf` whose
+    /// first indented line uses spaces and whose body uses tabs. Converting then repairing
+    /// must not rewrite the file: `insert` is a fixed point of `convert`'s output.
+    #[test]
+    fn convert_output_is_a_fixed_point_of_insert() {
+        let text = include_str!("../../fuzz/regressions/conflist_merge/mixed-indent.conf");
+        let out = convert(text, &entry()).unwrap();
+        assert_eq!(entry_state(&out, &entry()).unwrap(), EntryState::Current);
+        assert_eq!(insert(&out, &entry()).unwrap(), out);
+        let pretty =
+            "{\n  \"cniVersion\": \"0.4.0\",\n  \"name\": \"n\",\n  \"type\": \"bridge\"\n}\n";
+        let out = convert(pretty, &entry()).unwrap();
+        assert_eq!(insert(&out, &entry()).unwrap(), out);
+    }
+
+    /// Fuzz finding (fuzz/regressions/conflist_merge/single-conf-of-our-type.conf): a `.conf`
+    /// that is our own plugin has nothing to chain after; converting it is an error, not a
+    /// list holding two entries of ours.
+    #[test]
+    fn a_conf_of_our_own_type_cannot_be_chained() {
+        let text =
+            include_str!("../../fuzz/regressions/conflist_merge/single-conf-of-our-type.conf");
+        assert_eq!(classify("10-x.conf", text), Ok(ConfKind::Single));
+        assert!(only_ours(text));
+        assert!(matches!(
+            convert(text, &entry()),
+            Err(MergeError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -169,6 +169,21 @@ mod tests {
         })
     }
 
+    /// Fuzz finding (fuzz/regressions/prev_result/huge-number.json): a number beyond f64's
+    /// exact range in prevResult decodes, converts to every version and prints valid JSON.
+    #[test]
+    fn huge_number_in_prev_result_converts() {
+        let text = include_str!("../../fuzz/regressions/prev_result/huge-number.json");
+        let v: Value = serde_json::from_str(text).unwrap();
+        let r = CniResult::decode(&v).unwrap();
+        for ver in [SpecVersion::V040, SpecVersion::parse("1.1.0").unwrap()] {
+            let out = r.convert(ver);
+            let back: Value = serde_json::from_str(&out.to_string()).unwrap();
+            // Not compared for equality: serde_json's float parsing may land 1 ulp off.
+            assert_eq!(CniResult::decode(&back).unwrap().ips(), r.ips());
+        }
+    }
+
     #[test]
     fn converts_1x_to_legacy_adding_versions_and_dropping_new_interface_keys() {
         let r = CniResult::decode(&spec_example_1x()).unwrap();
