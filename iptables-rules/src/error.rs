@@ -30,6 +30,16 @@ pub enum RulesError {
         /// What the command printed on stderr (trimmed).
         stderr: String,
     },
+    /// A command or kernel request did not finish in time (it was killed / abandoned).
+    #[error("{backend}: {what} did not finish within {after:?}")]
+    Timeout {
+        /// Backend or subsystem.
+        backend: String,
+        /// What was running (the command line or the request).
+        what: String,
+        /// The deadline that passed.
+        after: std::time::Duration,
+    },
     /// A netlink request failed (rules, routes, nf_tables messages).
     #[error("{backend}: netlink {op} failed: {reason}")]
     Netlink {

@@ -69,6 +69,9 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
+/// How long the kernel may take to answer one batch of route/rule requests.
+const NETLINK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Runs `f` with a netlink handle on a current-thread runtime created on this thread.
 fn with_handle<T, F, Fut>(f: F) -> Result<T, RulesError>
 where
@@ -77,13 +80,23 @@ where
 {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_io()
+        .enable_time()
         .build()
         .map_err(|e| nl_err("create runtime", e))?;
     rt.block_on(async move {
         let (conn, handle, _) =
             rtnetlink::new_connection().map_err(|e| nl_err("open socket", e))?;
         let task = tokio::spawn(conn);
-        let out = f(handle).await;
+        // The kernel answers route requests at once; a missing answer is a fault, not a wait.
+        let out = tokio::time::timeout(NETLINK_TIMEOUT, f(handle))
+            .await
+            .unwrap_or_else(|_| {
+                Err(RulesError::Timeout {
+                    backend: "route".into(),
+                    what: "netlink route/rule request".into(),
+                    after: NETLINK_TIMEOUT,
+                })
+            });
         task.abort();
         out
     })

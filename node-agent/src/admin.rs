@@ -124,6 +124,8 @@ async fn client(path: &Path) -> anyhow::Result<AdminClient<tonic::transport::Cha
     let shown = path.display().to_string();
     let channel = Endpoint::from_static("http://ambient-cni-admin.local")
         .connect_timeout(Duration::from_secs(2))
+        // `doctor` runs every check (netns, rules, ZDS) in the agent; 30 s bounds a stuck one.
+        .timeout(Duration::from_secs(30))
         .connect_with_connector(tower::service_fn(move |_: Uri| {
             let p = path.clone();
             async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(p).await?)) }

@@ -23,6 +23,9 @@ pub const EVENT_COMPONENT: &str = "ambient-cni-agent";
 /// The same event (pod, reason, message) is not recorded again within this window:
 /// a failing pod is retried every few seconds, and each event is an etcd write.
 const EVENT_REPEAT_WINDOW: Duration = Duration::from_secs(300);
+/// How long one status write may take. The writes sit on the enrolment path: an API
+/// server that stalls costs a pod this much, then the failure is logged and enrolment goes on.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound on the throttle memory (entries older than the window are pruned first).
 const EVENT_MEMORY: usize = 4096;
 
@@ -129,10 +132,17 @@ impl StatusWriter for KubeStatus {
     async fn set(&self, pod: &PodId, value: Option<&'static str>) -> Result<(), String> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
         let patch = Patch::Merge(redirection_patch(value));
-        match api
-            .patch_status(&pod.name, &PatchParams::default(), &patch)
-            .await
-        {
+        let patched = tokio::time::timeout(
+            WRITE_TIMEOUT,
+            api.patch_status(&pod.name, &PatchParams::default(), &patch),
+        )
+        .await
+        .map_err(|_| {
+            format!(
+                "cannot patch {REDIRECTION_ANNOTATION} on pod {pod}: no answer from the API server within {WRITE_TIMEOUT:?}"
+            )
+        })?;
+        match patched {
             Ok(_) => Ok(()),
             // Removing the mark of a pod that is gone is done.
             Err(kube::Error::Api(s)) if value.is_none() && s.is_not_found() => Ok(()),
@@ -150,8 +160,13 @@ impl StatusWriter for KubeStatus {
         }
         let api: Api<Event> = Api::namespaced(self.client.clone(), &pod.namespace);
         let ev = self.event_object(pod, reason, message, SystemTime::now());
-        api.create(&PostParams::default(), &ev)
+        tokio::time::timeout(WRITE_TIMEOUT, api.create(&PostParams::default(), &ev))
             .await
+            .map_err(|_| {
+                format!(
+                    "cannot record event {reason} on pod {pod}: no answer from the API server within {WRITE_TIMEOUT:?}"
+                )
+            })?
             .map(|_| ())
             .map_err(|e| format!("cannot record event {reason} on pod {pod}: {}", chain(&e)))
     }
@@ -226,5 +241,28 @@ mod tests {
             "other",
             t0 + EVENT_REPEAT_WINDOW + Duration::from_secs(12)
         ));
+    }
+
+    /// An API server that accepts connections and never answers: each write fails after
+    /// [`WRITE_TIMEOUT`] with an error that says so, instead of holding the pod's ADD.
+    #[tokio::test]
+    async fn a_stalled_api_server_bounds_each_write() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let hold = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                held.push(conn);
+            }
+        });
+        let cfg = kube::Config::new(format!("http://{addr}").parse().unwrap());
+        let w = KubeStatus::new(Client::try_from(cfg).unwrap());
+        let start = Instant::now();
+        let err = w.set(&id("u1"), Some("enabled")).await.unwrap_err();
+        assert!(err.contains("no answer from the API server"), "{err}");
+        let err = w.event(&id("u1"), "R", "m").await.unwrap_err();
+        assert!(err.contains("no answer from the API server"), "{err}");
+        assert!(start.elapsed() < WRITE_TIMEOUT * 2 + Duration::from_secs(2));
+        hold.abort();
     }
 }
