@@ -4,38 +4,12 @@
 //!
 //! `cargo bench -p ambient-cni-tests --bench agent_enroll` (`AGENT_BENCH_PODS` to scale).
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use ambient_cni_tests::*;
 use serde_json::json;
 
-fn plugin_conf(sock: &Path) -> String {
-    let mut e = plugin_entry(sock, 5000);
-    e["log_level"] = "error".into();
-    e["cniVersion"] = "1.0.0".into();
-    e["prevResult"] = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.97.0.5/24"}]});
-    e.to_string()
-}
-
-fn add(conf: &str, netns: &NamedNetns, name: &str, uid: &str) -> Exec {
-    let args =
-        format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=mesh;K8S_POD_NAME={name};K8S_POD_UID={uid}");
-    let path = netns.path();
-    let env = [
-        ("CNI_COMMAND", "ADD"),
-        ("CNI_CONTAINERID", uid),
-        ("CNI_NETNS", path.as_str()),
-        ("CNI_IFNAME", "eth0"),
-        ("CNI_ARGS", args.as_str()),
-    ];
-    exec_plugin(
-        &plugin_bin(),
-        &env,
-        conf.as_bytes(),
-        Duration::from_secs(10),
-    )
-}
+use ambient_cni_tests::bench::{add, plugin_conf};
 
 fn pct(v: &mut [Duration], p: usize) -> f64 {
     v.sort();

@@ -10,8 +10,11 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+pub mod bench;
+pub mod churn;
 pub mod cni;
 pub mod kubelet;
+pub mod peers;
 
 /// Where Debian's `containernetworking-plugins` puts the reference plugins.
 pub const DEBIAN_CNI_DIR: &str = "/usr/lib/cni";

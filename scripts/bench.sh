@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Runs every benchmark and writes BENCHMARKS.md (the one command; run as root:
+# the benches make network namespaces and load rules).
+#   scripts/bench.sh            # full run
+#   ZTUNNEL_BIN=/path/ztunnel scripts/bench.sh   # also the real-ztunnel interop bench, if present
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
+# The plugin as shipped: static musl (skipped with a note when the target is missing).
+if rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl; then
+    cargo build --release -p ambient-cni --target x86_64-unknown-linux-musl
+else
+    echo "bench: x86_64-unknown-linux-musl not installed; measuring the glibc plugin build" >&2
+fi
+# The benches exec these from target/release.
+cargo build --release -p ambient-cni -p ambient-cni-agent -p ambient-cni-tests --bins
+exec "$CARGO_TARGET_DIR/release/bench-report" --root . --out BENCHMARKS.md "$@"

@@ -1,0 +1,37 @@
+//! What the end-to-end benches share: a captured-pod ADD exec'd like a runtime does.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::{exec_plugin, plugin_bin, plugin_entry, Exec, NamedNetns};
+
+/// The plugin's conf for a bench ADD: quiet, 1.0.0, with a minimal prevResult.
+pub fn plugin_conf(sock: &Path) -> String {
+    let mut e = plugin_entry(sock, 5000);
+    e["log_level"] = "error".into();
+    e["cniVersion"] = "1.0.0".into();
+    e["prevResult"] = json!({"cniVersion": "1.0.0", "ips": [{"address": "10.97.0.5/24"}]});
+    e.to_string()
+}
+
+/// One ADD of pod `mesh/name` (`uid`) in `netns` through the plugin binary.
+pub fn add(conf: &str, netns: &NamedNetns, name: &str, uid: &str) -> Exec {
+    let args =
+        format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=mesh;K8S_POD_NAME={name};K8S_POD_UID={uid}");
+    let path = netns.path();
+    let env = [
+        ("CNI_COMMAND", "ADD"),
+        ("CNI_CONTAINERID", uid),
+        ("CNI_NETNS", path.as_str()),
+        ("CNI_IFNAME", "eth0"),
+        ("CNI_ARGS", args.as_str()),
+    ];
+    exec_plugin(
+        &plugin_bin(),
+        &env,
+        conf.as_bytes(),
+        Duration::from_secs(10),
+    )
+}

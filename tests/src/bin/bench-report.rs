@@ -1,0 +1,303 @@
+//! Writes BENCHMARKS.md: runs the project's benches as child processes (each prints
+//! its own markdown table with a baseline measured in the same run), measures the
+//! plugin's size and RSS beside Debian's reference CNI plugins, and assembles one
+//! file headed by the machine it ran on. `scripts/bench.sh` is the one command.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+#[derive(Parser, Debug)]
+#[command(about = "Run the benches and write BENCHMARKS.md")]
+struct Args {
+    /// Output file.
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+    /// The workspace root (where `cargo bench` runs).
+    #[arg(long, default_value = ".")]
+    root: PathBuf,
+    /// The plugin binary to measure (default: the static musl build, else target/release).
+    #[arg(long)]
+    plugin: Option<PathBuf>,
+    /// Skip the benches (header and plugin footprint only; for a quick check).
+    #[arg(long)]
+    no_benches: bool,
+}
+
+/// One bench: a title, the cargo arguments, and whether it may be skipped.
+struct Bench {
+    title: &'static str,
+    args: Vec<&'static str>,
+}
+
+fn benches(root: &Path) -> Vec<Bench> {
+    let mut v = vec![
+        Bench {
+            title: "Plugin ADD latency and footprint (`plugin_add`)",
+            args: vec!["bench", "-p", "ambient-cni-tests", "--bench", "plugin_add"],
+        },
+        Bench {
+            title: "Agent enrolment end to end (`agent_enroll`)",
+            args: vec![
+                "bench",
+                "-p",
+                "ambient-cni-tests",
+                "--bench",
+                "agent_enroll",
+            ],
+        },
+        Bench {
+            title: "In-pod rules apply, iptables-restore vs nft (`apply`)",
+            args: vec!["bench", "-p", "iptables-rules", "--bench", "apply"],
+        },
+        Bench {
+            title: "Native nf_tables backend (`nft_apply`)",
+            args: vec!["bench", "-p", "iptables-rules", "--bench", "nft_apply"],
+        },
+    ];
+    // Interop with a real ztunnel only where the bench exists and ztunnel is given.
+    if root.join("tests/benches/interop_add.rs").exists()
+        && std::env::var_os("ZTUNNEL_BIN").is_some()
+    {
+        v.push(Bench {
+            title: "ADD against a real ztunnel (`interop_add`)",
+            args: vec!["bench", "-p", "ambient-cni-tests", "--bench", "interop_add"],
+        });
+    }
+    v
+}
+
+fn sh(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// The machine: nproc, CPU model, memory, kernel, date.
+fn header() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find(|l| l.starts_with("model name"))
+        .and_then(|l| l.split_once(':'))
+        .map(|(_, m)| m.trim().to_owned())
+        .unwrap_or_else(|| "unknown".into());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let mem_kib: u64 = meminfo
+        .lines()
+        .find(|l| l.starts_with("MemTotal:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mut h = String::new();
+    let _ = writeln!(h, "| machine | |\n|---|---|");
+    let _ = writeln!(
+        h,
+        "| date (UTC) | {} |",
+        sh("date", &["-u", "+%Y-%m-%d %H:%M"])
+    );
+    let _ = writeln!(h, "| nproc | {nproc} |");
+    let _ = writeln!(h, "| CPU | {model} |");
+    let _ = writeln!(
+        h,
+        "| memory | {:.1} GiB |",
+        mem_kib as f64 / (1024.0 * 1024.0)
+    );
+    let _ = writeln!(h, "| kernel | {} |", sh("uname", &["-r"]));
+    let _ = writeln!(h, "| rustc | {} |", sh("rustc", &["--version"]));
+    let _ = writeln!(
+        h,
+        "| commit | {} |",
+        sh("git", &["rev-parse", "--short", "HEAD"])
+    );
+    h
+}
+
+/// Peak RSS (KiB) of one exec of `bin args` with `env`, via wait4.
+fn peak_rss(bin: &Path, args: &[&str], env: &[(&str, &str)]) -> Result<i64> {
+    let child = Command::new(bin)
+        .args(args)
+        .env_clear()
+        .envs(env.iter().copied())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("spawn {}", bin.display()))?;
+    let mut status = 0;
+    // SAFETY: a zeroed rusage is a valid out-parameter for wait4.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: waiting for our own child; std never reaps it (the handle is forgotten).
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
+    std::mem::forget(child);
+    if pid <= 0 {
+        bail!(
+            "wait4 {}: {}",
+            bin.display(),
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(usage.ru_maxrss)
+}
+
+/// Best of `n` (RSS varies a little with the loader's luck).
+fn min_rss(bin: &Path, args: &[&str], env: &[(&str, &str)], n: usize) -> Result<i64> {
+    let mut best = i64::MAX;
+    for _ in 0..n {
+        best = best.min(peak_rss(bin, args, env)?);
+    }
+    Ok(best)
+}
+
+/// The plugin beside Debian's reference plugins (static Go binaries): size, and the
+/// RSS of answering VERSION, the one command every plugin answers with no setup.
+fn footprint(plugin: &Path) -> Result<String> {
+    let mut s = String::new();
+    let size = |p: &Path| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    let ours = size(plugin);
+    if ours == 0 {
+        bail!("plugin {} not found: build it first", plugin.display());
+    }
+    let env = [("CNI_COMMAND", "VERSION")];
+    let our_rss = min_rss(plugin, &[], &env, 20)?;
+    let _ = writeln!(s, "plugin: `{}`\n", plugin.display());
+    let _ = writeln!(
+        s,
+        "Baselines are Debian's reference CNI plugins in `/usr/lib/cni`, measured in the same run.\n"
+    );
+    let _ = writeln!(s, "| binary | size MiB | ambient-cni size ratio | VERSION peak RSS MiB | ambient-cni RSS ratio |");
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    let _ = writeln!(
+        s,
+        "| ambient-cni | {:.2} | - | {:.1} | - |",
+        mib(ours),
+        our_rss as f64 / 1024.0
+    );
+    for name in ["loopback", "bridge", "portmap"] {
+        let p = Path::new("/usr/lib/cni").join(name);
+        let sz = size(&p);
+        if sz == 0 {
+            continue;
+        }
+        let rss = min_rss(&p, &[], &env, 20)?;
+        let _ = writeln!(
+            s,
+            "| {name} (baseline) | {:.2} | {:.2}x | {:.1} | {:.2}x |",
+            mib(sz),
+            ours as f64 / sz as f64,
+            rss as f64 / 1024.0,
+            our_rss as f64 / rss.max(1) as f64
+        );
+    }
+    let truth = min_rss(Path::new("/bin/true"), &[], &[], 20)?;
+    let _ = writeln!(
+        s,
+        "| /bin/true (floor) | - | - | {:.1} | {:.2}x |",
+        truth as f64 / 1024.0,
+        our_rss as f64 / truth.max(1) as f64
+    );
+    Ok(s)
+}
+
+fn default_plugin(root: &Path) -> PathBuf {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
+    let musl = target.join("x86_64-unknown-linux-musl/release/ambient-cni");
+    if musl.exists() {
+        musl
+    } else {
+        target.join("release/ambient-cni")
+    }
+}
+
+/// Runs one bench; returns its stdout (tables and notes) and wall time.
+fn run_bench(root: &Path, b: &Bench) -> Result<(String, f64)> {
+    eprintln!("bench-report: cargo {}", b.args.join(" "));
+    let t0 = Instant::now();
+    let out = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(&b.args)
+        .current_dir(root)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("run cargo {}", b.args.join(" ")))?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    if !out.status.success() {
+        bail!(
+            "cargo {} failed ({}):\n{text}",
+            b.args.join(" "),
+            out.status
+        );
+    }
+    Ok((text, t0.elapsed().as_secs_f64()))
+}
+
+/// Keeps a bench's own output, dropping cargo/harness noise lines.
+fn clean(text: &str) -> String {
+    let mut out = String::new();
+    for line in text.lines() {
+        let t = line.trim_end();
+        if t.starts_with("running ") || t.starts_with("test result:") {
+            continue;
+        }
+        out.push_str(t);
+        out.push('\n');
+    }
+    out.trim().to_owned()
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let root = args.root.canonicalize().context("workspace root")?;
+    let plugin = args.plugin.clone().unwrap_or_else(|| default_plugin(&root));
+    let mut doc = String::new();
+    let _ = writeln!(doc, "# Benchmarks\n");
+    let _ = writeln!(
+        doc,
+        "Generated by `scripts/bench.sh` (do not edit by hand). Every figure is shown beside a \
+         baseline measured in the same run on the same machine, with the ratio; this machine is \
+         shared and noisy, so compare within a run, not across runs.\n"
+    );
+    doc.push_str(&header());
+    doc.push('\n');
+    let _ = writeln!(doc, "## Plugin size and memory\n");
+    match footprint(&plugin) {
+        Ok(s) => doc.push_str(&s),
+        Err(e) => {
+            let _ = writeln!(doc, "not measured: {e:#}");
+        }
+    }
+    doc.push('\n');
+    let mut failed = Vec::new();
+    if !args.no_benches {
+        for b in benches(&root) {
+            let _ = writeln!(doc, "## {}\n", b.title);
+            let _ = writeln!(doc, "`cargo {}`\n", b.args.join(" "));
+            match run_bench(&root, &b) {
+                Ok((text, secs)) => {
+                    doc.push_str(&clean(&text));
+                    let _ = writeln!(doc, "\n\n(ran in {secs:.0} s)\n");
+                }
+                Err(e) => {
+                    let _ = writeln!(doc, "FAILED: {e:#}\n");
+                    failed.push(b.title);
+                }
+            }
+        }
+    }
+    std::fs::write(&args.out, &doc).with_context(|| format!("write {}", args.out.display()))?;
+    eprintln!("bench-report: wrote {}", args.out.display());
+    if !failed.is_empty() {
+        bail!("benches failed: {}", failed.join(", "));
+    }
+    Ok(())
+}

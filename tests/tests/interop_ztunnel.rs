@@ -1,0 +1,573 @@
+//! The agent end to end against STOCK ztunnel (`ZTUNNEL_BIN`, see ../shared/peers/README.md):
+//! real netns pods through the real CNI chain (bridge + host-local + ambient-cni), the agent
+//! process with a local pod source, and ztunnel in a netns of its own as the ZDS client.
+//! Real TCP goes through ztunnel's in-pod listeners, with both rules backends.
+//!
+//! Skips without `ZTUNNEL_BIN` (or root); fails instead when `CI` is set.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use ambient_cni_tests::cni::{Attachment, Chain};
+use ambient_cni_tests::peers::*;
+use ambient_cni_tests::*;
+use serde_json::{json, Value};
+
+const LONG: Duration = Duration::from_secs(20);
+const MESH: &str = "mesh";
+const PLAIN: &str = "plain";
+/// ztunnel's in-pod ports (15053: DNS capture is on by default).
+const ZT_PORTS: [u16; 4] = [15001, 15006, 15008, 15053];
+
+/// A netns pod added through the chain.
+struct Pod {
+    netns: NamedNetns,
+    att: Attachment,
+    result: Value,
+    name: String,
+    uid: String,
+    ip: String,
+}
+
+/// Agent + stock ztunnel(s) + a bridge; namespace `mesh` labelled ambient, `plain` not.
+struct World {
+    dir: TempDir,
+    bin: PathBuf,
+    backend: &'static str,
+    subnet: u8,
+    bridge: HostLink,
+    agent: Option<AgentProcess>,
+    ztunnels: Vec<Ztunnel>,
+    started: usize,
+}
+
+impl World {
+    /// Writes the xDS file for the `mesh` pods named in `mesh_pods` (ztunnel reads it only at
+    /// start), starts the agent, then one ztunnel, and waits until ztunnel is ready.
+    fn new(bin: PathBuf, backend: &'static str, subnet: u8, mesh_pods: &[String]) -> Self {
+        let dir = TempDir::new("acni-zt");
+        let pods = dir.join("pods");
+        write_namespace(&pods, MESH, json!({"istio.io/dataplane-mode": "ambient"}));
+        write_namespace(&pods, PLAIN, json!({}));
+        let wl: Vec<XdsWorkload> = mesh_pods
+            .iter()
+            .map(|n| XdsWorkload::new(MESH, n, &format!("sa-{n}")))
+            .collect();
+        std::fs::write(dir.join("xds.yaml"), xds_yaml(&wl)).expect("xds file");
+        let agent = AgentProcess::start(&dir.0, &agent_flags(backend));
+        let mut me = Self {
+            dir,
+            bin,
+            backend,
+            subnet,
+            bridge: HostLink(unique("acbr")),
+            agent: Some(agent),
+            ztunnels: Vec::new(),
+            started: 0,
+        };
+        me.start_ztunnel();
+        me
+    }
+
+    /// Starts one more ztunnel and waits for its readiness (= it has our snapshot).
+    fn start_ztunnel(&mut self) -> usize {
+        self.started += 1;
+        let log = self.dir.join(&format!("ztunnel{}.log", self.started));
+        let z = Ztunnel::start(
+            &self.bin,
+            &self.dir.join("ztunnel.sock"),
+            &self.dir.join("xds.yaml"),
+            &log,
+        );
+        let ok = z.wait_ready(LONG);
+        self.ztunnels.push(z);
+        assert!(ok, "ztunnel not ready:\n{}", self.diag());
+        self.ztunnels.len() - 1
+    }
+
+    fn zt(&self, i: usize) -> &Ztunnel {
+        &self.ztunnels[i]
+    }
+
+    /// Everything useful when an assertion fails.
+    fn diag(&self) -> String {
+        let mut s = String::new();
+        if let Some(a) = &self.agent {
+            s += &format!("--- agent log:\n{}\n", a.log_text());
+        }
+        for (i, z) in self.ztunnels.iter().enumerate() {
+            s += &format!(
+                "--- ztunnel #{i} (pid {}) log:\n{}\n",
+                z.pid(),
+                z.log_text()
+            );
+        }
+        s
+    }
+
+    fn chain(&self) -> Chain {
+        Chain::bridge_then(
+            "1.0.0",
+            &self.bridge.0,
+            &format!("10.99.{}.0/24", self.subnet),
+            &self.dir.0,
+            plugin_entry(&self.dir.join("plugin.sock"), 5000),
+        )
+    }
+
+    /// Writes the pod object, then runs the chain ADD for it in a fresh netns; panics on failure.
+    fn add_pod(&self, ns: &str, name: &str) -> Pod {
+        let netns = NamedNetns::new();
+        let uid = format!("{}-{name}", netns.name());
+        write_pod(&self.dir.join("pods"), ns, name, &uid, None, json!({}));
+        let att = Attachment::pod(&netns.path(), ns, name, &uid);
+        let results = self
+            .chain()
+            .add(&att)
+            .unwrap_or_else(|(i, e)| panic!("ADD {ns}/{name}: plugin {i}: {e:?}\n{}", self.diag()));
+        assert_eq!(results[1], results[0], "our output is the prevResult");
+        let ip = results[0]["ips"][0]["address"]
+            .as_str()
+            .and_then(|a| a.split('/').next())
+            .expect("bridge result has an IP")
+            .to_owned();
+        Pod {
+            netns,
+            att,
+            result: results[1].clone(),
+            name: name.to_owned(),
+            uid,
+            ip,
+        }
+    }
+
+    fn del_pod(&self, pod: &Pod) {
+        self.chain()
+            .del(&pod.att, Some(&pod.result))
+            .unwrap_or_else(|(i, e)| panic!("DEL plugin {i}: {e:?}"));
+        delete_pod(&self.dir.join("pods"), &format!("{MESH}_{}", pod.name));
+    }
+
+    fn rules(&self, ns: &NamedNetns) -> usize {
+        rules_count(ns, self.backend)
+    }
+
+    /// Waits until `cond` holds; panics with `what` and the logs otherwise.
+    fn wait(&self, what: &str, cond: impl FnMut() -> bool) {
+        assert!(wait_for(LONG, cond), "timed out: {what}\n{}", self.diag());
+    }
+}
+
+/// The agent's flags: the backend, and ports that do not collide with parallel tests.
+fn agent_flags(backend: &'static str) -> Vec<&'static str> {
+    let mut f = vec!["--rules-backend", backend];
+    f.extend(EPHEMERAL_PORTS);
+    f
+}
+
+/// In-pod redirection present: the nat jump (iptables) or our nat table (nftables).
+fn rules_count(ns: &NamedNetns, backend: &str) -> usize {
+    if backend == "nftables" {
+        let out = ns.exec(&["nft", "list", "tables"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("istio-ambient"))
+            .count()
+    } else {
+        let out = ns.exec(&["iptables-save"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| l.contains("ISTIO_"))
+            .count()
+    }
+}
+
+fn has_zt_ports(ns: &NamedNetns) -> bool {
+    let ports = listening_ports(ns);
+    ZT_PORTS.iter().all(|p| ports.contains(p))
+}
+
+fn no_zt_ports(ns: &NamedNetns) -> bool {
+    let ports = listening_ports(ns);
+    !ZT_PORTS.iter().any(|p| ports.contains(p))
+}
+
+/// The listener inode of ztunnel's outbound port in a pod.
+fn outbound_inode(ns: &NamedNetns) -> Option<u64> {
+    listeners(ns)
+        .into_iter()
+        .find(|l| l.port == 15001)
+        .map(|l| l.inode)
+}
+
+/// Client (outside the mesh) → mesh pod's server: through ztunnel's inbound, with the client's IP.
+fn assert_inbound(w: &World, z: usize, client: &Pod, server: &Pod, port: u16) {
+    let srv = PeerEchoServer::start(&server.netns, port);
+    let to = format!("{}:{port}", server.ip);
+    let (local, line) = connect_from(&client.netns, &to)
+        .unwrap_or_else(|e| panic!("inbound connect to {to}: {e}\n{}", w.diag()));
+    assert_eq!(local.ip().to_string(), client.ip);
+    let peers: Vec<SocketAddr> = srv.peers();
+    assert_eq!(peers.len(), 1, "{peers:?}");
+    assert_eq!(line, format!("peer={}", peers[0]));
+    // The app sees the client's own IP (ztunnel connects with the client's source address,
+    // which only works with the CONNMARK rules and policy route), from ztunnel's own
+    // socket: another port than the client's, so the connection did go through a proxy.
+    assert_eq!(peers[0].ip(), local.ip(), "{}", w.diag());
+    assert_ne!(peers[0].port(), local.port(), "not proxied?");
+    // ztunnel's access log names the connection and the pod (its workload, by name).
+    let dst = format!("dst.addr={to}");
+    w.wait("ztunnel logs the inbound connection", || {
+        w.zt(z)
+            .log_lines_with(&[&dst, "direction=\"inbound\"", &server.name])
+            .iter()
+            .any(|l| l.contains(&format!("src.addr={local}")))
+    });
+    for l in w.zt(z).log_lines_with(&[&dst, "direction=\"inbound\""]) {
+        eprintln!("ztunnel: {l}");
+    }
+}
+
+/// Mesh pod → a server elsewhere: through ztunnel's outbound (its log shows the connection).
+fn assert_outbound(w: &World, z: usize, from: &Pod, server: &Pod, port: u16) {
+    let srv = PeerEchoServer::start(&server.netns, port);
+    let to = format!("{}:{port}", server.ip);
+    let (local, line) = connect_from(&from.netns, &to)
+        .unwrap_or_else(|e| panic!("outbound connect to {to}: {e}\n{}", w.diag()));
+    assert!(line.starts_with("peer="), "{line}");
+    let seen = srv.peers();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0].ip().to_string(), from.ip, "source is the pod's IP");
+    let dst = format!("dst.addr={to}");
+    w.wait("ztunnel logs the outbound connection", || {
+        !w.zt(z)
+            .log_lines_with(&[&dst, "direction=\"outbound\""])
+            .is_empty()
+    });
+    for l in w.zt(z).log_lines_with(&[&dst, "direction=\"outbound\""]) {
+        eprintln!("ztunnel: {l} (client side {local})");
+    }
+}
+
+fn traffic_and_release(backend: &'static str, subnet: u8) {
+    let test = format!("stock_ztunnel_traffic_and_release_{backend}");
+    let Some(bin) = ztunnel_bin(&test) else {
+        return;
+    };
+    let mut w = World::new(bin, backend, subnet, &["web".into(), "api".into()]);
+    let web = w.add_pod(MESH, "web");
+    let api = w.add_pod(MESH, "api");
+    let client = w.add_pod(PLAIN, "client");
+
+    // ztunnel listens inside the mesh pods, not in the plain one.
+    for p in [&web, &api] {
+        w.wait(&format!("ztunnel listens in {}", p.name), || {
+            has_zt_ports(&p.netns)
+        });
+        assert!(w.rules(&p.netns) > 0);
+        let owners = port_owners(&p.netns, 15001);
+        assert_eq!(owners, vec![w.zt(0).pid()], "ztunnel owns the listener");
+    }
+    assert!(no_zt_ports(&client.netns));
+    assert_eq!(w.rules(&client.netns), 0);
+    let states = w.zt(0).workload_states().expect("config_dump");
+    assert_eq!(
+        states.get(&web.uid).map(String::as_str),
+        Some("Up"),
+        "{states:?}"
+    );
+
+    assert_inbound(&w, 0, &client, &web, 8080);
+    assert_outbound(&w, 0, &web, &client, 9090);
+
+    // Release of a running pod (label `none`): rules out, ztunnel's proxy gone, traffic direct.
+    write_pod(
+        &w.dir.join("pods"),
+        MESH,
+        "web",
+        &web.uid,
+        None,
+        json!({"istio.io/dataplane-mode": "none"}),
+    );
+    w.wait("web released: no rules", || w.rules(&web.netns) == 0);
+    w.wait("web released: no ztunnel listeners", || {
+        no_zt_ports(&web.netns)
+    });
+    w.wait("ztunnel forgot web", || {
+        w.zt(0)
+            .workload_states()
+            .is_some_and(|s| !s.contains_key(&web.uid))
+    });
+    let srv = PeerEchoServer::start(&web.netns, 8081);
+    let (local, line) = connect_from(&client.netns, &format!("{}:8081", web.ip)).expect("direct");
+    assert_eq!(line, format!("peer={local}"));
+    drop(srv);
+    assert!(
+        w.zt(0)
+            .log_lines_with(&[&format!("dst.addr={}:8081", web.ip)])
+            .is_empty(),
+        "a released pod's traffic does not touch ztunnel"
+    );
+
+    // DEL of a deleted pod: ztunnel drops its proxy; the netns then goes away with its rules.
+    w.del_pod(&api);
+    w.wait("api's listeners gone after DEL", || no_zt_ports(&api.netns));
+    w.wait("ztunnel forgot api", || {
+        w.zt(0)
+            .workload_states()
+            .is_some_and(|s| !s.contains_key(&api.uid))
+    });
+    // The runtime then deletes the netns, and the rules with it.
+    let api_netns = api.netns.path();
+    drop(api);
+    assert!(!std::path::Path::new(&api_netns).exists());
+    assert!(w.ztunnels[0].alive(), "ztunnel exited\n{}", w.diag());
+    assert!(
+        !w.zt(0).log_text().contains("protocol mismatch"),
+        "{}",
+        w.diag()
+    );
+}
+
+#[test]
+fn stock_ztunnel_traffic_and_release_iptables() {
+    traffic_and_release("iptables", 61);
+}
+
+#[test]
+fn stock_ztunnel_traffic_and_release_nftables() {
+    traffic_and_release("nftables", 62);
+}
+
+/// `ambient-cni-agent status --json` of the running agent.
+fn agent_status(w: &World) -> Value {
+    let out = std::process::Command::new(agent_bin())
+        .args(["status", "--json", "--run-dir"])
+        .arg(w.dir.join("run"))
+        .output()
+        .expect("exec agent status");
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn count(text: &str, needle: &str) -> usize {
+    text.lines().filter(|l| l.contains(needle)).count()
+}
+
+/// Log text after the last line containing `marker`.
+fn after_last<'a>(text: &'a str, marker: &str) -> &'a str {
+    text.rfind(marker).map_or("", |i| &text[i..])
+}
+
+fn agent_restart_keeps_proxies(backend: &'static str, subnet: u8) {
+    let test = format!("agent_kill_9_restart_with_20_pods_{backend}");
+    let Some(bin) = ztunnel_bin(&test) else {
+        return;
+    };
+    let names: Vec<String> = (0..20).map(|i| format!("p{i}")).collect();
+    let mut w = World::new(bin, backend, subnet, &names);
+    let pods: Vec<Pod> = names.iter().map(|n| w.add_pod(MESH, n)).collect();
+    let client = w.add_pod(PLAIN, "client");
+    let mut inodes = Vec::new();
+    for p in &pods {
+        w.wait(&format!("ztunnel listens in {}", p.name), || {
+            has_zt_ports(&p.netns)
+        });
+        inodes.push(outbound_inode(&p.netns).expect("15001 inode"));
+    }
+    assert_eq!(agent_status(&w)["pods"].as_array().map(Vec::len), Some(20));
+
+    // kill -9: ztunnel keeps every proxy (same sockets) and reports not-ready.
+    w.agent.as_mut().expect("agent").kill();
+    w.wait("ztunnel not ready without the agent", || !w.zt(0).ready());
+    for (p, ino) in pods.iter().zip(&inodes) {
+        assert_eq!(outbound_inode(&p.netns), Some(*ino), "{} kept", p.name);
+        assert!(w.rules(&p.netns) > 0, "rules stay in {}", p.name);
+    }
+    // Two pods are deleted while the agent is down.
+    for p in &pods[18..] {
+        delete_pod(&w.dir.join("pods"), &format!("{MESH}_{}", p.name));
+    }
+
+    let restarted = std::time::Instant::now();
+    w.agent = Some(AgentProcess::start(&w.dir.0, &agent_flags(backend)));
+    w.wait("ztunnel ready again after the agent's restart", || {
+        w.zt(0).ready()
+    });
+    eprintln!(
+        "{backend}: agent restart to ztunnel ready with 20 pods: {:?}",
+        restarted.elapsed()
+    );
+    // The two deleted pods are drained: their proxies go.
+    for p in &pods[18..] {
+        w.wait(&format!("{} drained", p.name), || no_zt_ports(&p.netns));
+    }
+    assert!(w.ztunnels[0].alive(), "ztunnel exited\n{}", w.diag());
+    let log = w.zt(0).log_text();
+    assert!(!log.contains("protocol mismatch"), "{}", w.diag());
+    // One snapshot before the kill, one on the new connection. (A SIGKILLed agent cannot
+    // close its listener before its connections: ztunnel's instant reconnect may land in the
+    // dying backlog and be reset, an extra stream without a snapshot, retried at once.)
+    assert_eq!(count(&log, "received snapshot sent"), 2, "{}", w.diag());
+    eprintln!(
+        "{backend}: ztunnel streams {}, resets {}",
+        count(&log, "handling new stream"),
+        count(&log, "Connection reset by peer")
+    );
+    let second = after_last(&log, "handling new stream");
+    assert_eq!(
+        count(second, "received snapshot sent"),
+        1,
+        "exactly one snapshot on the new connection\n{}",
+        w.diag()
+    );
+    // Every live pod keeps the very same proxy listener (re-add of the same netns is a no-op).
+    for (p, ino) in pods[..18].iter().zip(&inodes) {
+        assert_eq!(
+            outbound_inode(&p.netns),
+            Some(*ino),
+            "{}\n{}",
+            p.name,
+            w.diag()
+        );
+        assert_eq!(port_owners(&p.netns, 15001), vec![w.zt(0).pid()]);
+    }
+    let states = w.zt(0).workload_states().expect("config_dump");
+    assert_eq!(states.len(), 18, "{states:?}");
+    assert!(pods[..18]
+        .iter()
+        .all(|p| states.get(&p.uid).map(String::as_str) == Some("Up")));
+    let st = agent_status(&w);
+    assert_eq!(st["ztunnel_connections"], 1, "{st}");
+    assert_eq!(st["pods"].as_array().map(Vec::len), Some(18), "{st}");
+    // Traffic still goes through ztunnel.
+    assert_inbound(&w, 0, &client, &pods[0], 8080);
+    assert_outbound(&w, 0, &pods[17], &client, 9090);
+}
+
+#[test]
+fn agent_kill_9_restart_with_20_pods_iptables() {
+    agent_restart_keeps_proxies("iptables", 63);
+}
+
+#[test]
+fn agent_kill_9_restart_with_20_pods_nftables() {
+    agent_restart_keeps_proxies("nftables", 64);
+}
+
+fn ztunnel_restart_and_rolling_update(backend: &'static str, subnet: u8) {
+    let test = format!("ztunnel_restart_and_rolling_update_{backend}");
+    let Some(bin) = ztunnel_bin(&test) else {
+        return;
+    };
+    let names = ["a".to_owned(), "b".to_owned(), "c".to_owned()];
+    let mut w = World::new(bin, backend, subnet, &names);
+    let a = w.add_pod(MESH, "a");
+    let b = w.add_pod(MESH, "b");
+    let client = w.add_pod(PLAIN, "client");
+    w.wait("listeners in a", || has_zt_ports(&a.netns));
+    assert_inbound(&w, 0, &client, &a, 8080);
+
+    // ztunnel dies: its proxies die with it, and the pod fails closed (nothing bypasses the mesh).
+    w.ztunnels[0].kill();
+    w.wait("a's listeners gone with ztunnel", || no_zt_ports(&a.netns));
+    {
+        let _srv = PeerEchoServer::start(&a.netns, 8082);
+        let r = connect_from(&client.netns, &format!("{}:8082", a.ip));
+        assert!(
+            r.is_err(),
+            "no ztunnel: inbound must not reach the app: {r:?}"
+        );
+    }
+
+    // A new ztunnel gets the agent's replay (snapshot) and traffic works again.
+    let z1 = w.start_ztunnel();
+    for p in [&a, &b] {
+        w.wait(&format!("{} re-proxied by the new ztunnel", p.name), || {
+            port_owners(&p.netns, 15001) == vec![w.zt(z1).pid()]
+        });
+    }
+    let log = w.zt(z1).log_text();
+    let snap = log.find("received snapshot sent").expect("snapshot");
+    for p in [&a, &b] {
+        let add = log
+            .find(&format!("uid=\"{}\"", p.uid))
+            .unwrap_or_else(|| panic!("{} not replayed\n{}", p.name, w.diag()));
+        assert!(add < snap, "{} replayed inside the snapshot", p.name);
+    }
+    assert_inbound(&w, z1, &client, &a, 8083);
+
+    // Rolling update: a second ztunnel connects while the first still runs.
+    let z2 = w.start_ztunnel();
+    w.wait("agent holds two ztunnel connections", || {
+        agent_status(&w)["ztunnel_connections"] == 2
+    });
+    for p in [&a, &b] {
+        let mut both = vec![w.zt(z1).pid(), w.zt(z2).pid()];
+        both.sort();
+        w.wait(&format!("{} proxied by both ztunnels", p.name), || {
+            port_owners(&p.netns, 15001) == both
+        });
+    }
+    // Adds go to the newest only.
+    let c = w.add_pod(MESH, "c");
+    w.wait("c in the new ztunnel", || {
+        w.zt(z2)
+            .workload_states()
+            .is_some_and(|s| s.get(&c.uid).map(String::as_str) == Some("Up"))
+    });
+    let old = w.zt(z1).workload_states().expect("old config_dump");
+    assert!(
+        !old.contains_key(&c.uid),
+        "the old ztunnel got the add: {old:?}"
+    );
+    assert!(
+        old.contains_key(&a.uid) && old.contains_key(&b.uid),
+        "{old:?}"
+    );
+    assert_eq!(port_owners(&c.netns, 15001), vec![w.zt(z2).pid()]);
+    // Deletes go to both.
+    w.del_pod(&b);
+    for z in [z1, z2] {
+        w.wait(&format!("b gone from ztunnel #{z}"), || {
+            w.zt(z)
+                .workload_states()
+                .is_some_and(|s| !s.contains_key(&b.uid))
+        });
+    }
+    w.wait("b's listeners gone", || no_zt_ports(&b.netns));
+    assert!(
+        !w.zt(z1)
+            .log_lines_with(&["pod delete request", &b.uid])
+            .is_empty()
+            && !w
+                .zt(z2)
+                .log_lines_with(&["pod delete request", &b.uid])
+                .is_empty(),
+        "{}",
+        w.diag()
+    );
+
+    // The old one leaves; the new one carries the traffic alone.
+    for z in [z1, z2] {
+        assert!(w.ztunnels[z].alive(), "ztunnel #{z} exited\n{}", w.diag());
+        assert!(!w.zt(z).log_text().contains("protocol mismatch"));
+    }
+    w.ztunnels[z1].kill();
+    w.wait("one connection left", || {
+        agent_status(&w)["ztunnel_connections"] == 1
+    });
+    assert_inbound(&w, z2, &client, &c, 8084);
+    assert_inbound(&w, z2, &client, &a, 8085);
+    assert_outbound(&w, z2, &c, &client, 9091);
+}
+
+#[test]
+fn ztunnel_restart_and_rolling_update_iptables() {
+    ztunnel_restart_and_rolling_update("iptables", 65);
+}
+
+#[test]
+fn ztunnel_restart_and_rolling_update_nftables() {
+    ztunnel_restart_and_rolling_update("nftables", 66);
+}
