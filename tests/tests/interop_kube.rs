@@ -1,0 +1,1164 @@
+//! The agent process against the REAL kube-apiserver (`KUBECONFIG` + `KUBE_PEER_DIR`, see
+//! ../shared/peers/README.md): `--pod-source kube` as its own ServiceAccount with exactly the
+//! RBAC of `manifests/ambient-cni.yaml`, pods bound to a test node whose status the test writes
+//! (there is no kubelet), netns pods (kubelet-style cgroups for the /proc scan, or the real
+//! CNI chain), and the ztunnel stand-in on the ZDS socket.
+//!
+//! Skips without the peer's variables (or root); fails instead when `CI` is set.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ambient_cni_tests::cni::{Attachment, Chain};
+use ambient_cni_tests::kubelet::RunningPod;
+use ambient_cni_tests::peers::*;
+use ambient_cni_tests::*;
+use k8s_openapi::api::authorization::v1::{
+    ResourceRule, SelfSubjectAccessReview, SelfSubjectRulesReview,
+};
+use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::Client;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+const LONG: Duration = Duration::from_secs(30);
+const AGENT_SA: &str = "ambient-cni";
+const WORKLOAD_SA: &str = "workload";
+const ANNOTATION: &str = "ambient.istio.io/redirection";
+const MODE: &str = "istio.io/dataplane-mode";
+
+/// One test's cluster objects (own namespaces, unique cluster-scoped RBAC names), removed on
+/// drop, also when the test fails. All calls block on the fixture's own runtime.
+struct Cluster {
+    rt: tokio::runtime::Runtime,
+    admin: Client,
+    peer: KubePeer,
+    suffix: String,
+    namespaces: Vec<String>,
+    /// The namespace holding the agent's ServiceAccount.
+    home: String,
+}
+
+async fn client_for(kubeconfig: &Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
+    Client::try_from(cfg).expect("client")
+}
+
+impl Cluster {
+    fn new(peer: KubePeer, tag: &str) -> Self {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let admin = rt.block_on(client_for(&peer.kubeconfig));
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let suffix = format!("{tag}-{:x}{:x}", std::process::id(), nanos & 0xfffff);
+        let home = format!("ik-{suffix}-sys");
+        Self {
+            rt,
+            admin,
+            peer,
+            suffix,
+            namespaces: Vec::new(),
+            home,
+        }
+    }
+
+    fn node(&self) -> String {
+        format!("node-{}", self.suffix)
+    }
+
+    fn other_node(&self) -> String {
+        format!("node-{}-other", self.suffix)
+    }
+
+    fn role_name(&self) -> String {
+        format!("ambient-cni-{}", self.suffix)
+    }
+
+    /// Creates namespace `ns` (with `labels`) and the workloads' ServiceAccount in it.
+    fn namespace(&mut self, ns: &str, labels: Value) {
+        self.namespaces.push(ns.to_owned());
+        let obj: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": ns, "labels": labels}}))
+                .expect("namespace");
+        let sa: ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": WORKLOAD_SA}})).expect("sa");
+        let admin = self.admin.clone();
+        self.rt.block_on(async move {
+            Api::<Namespace>::all(admin.clone())
+                .create(&PostParams::default(), &obj)
+                .await
+                .expect("create namespace");
+            Api::<ServiceAccount>::namespaced(admin, ns)
+                .create(&PostParams::default(), &sa)
+                .await
+                .expect("create workload ServiceAccount");
+        });
+    }
+
+    /// Applies the shipped ServiceAccount, ClusterRole and ClusterRoleBinding (unique names,
+    /// the home namespace), then returns a kubeconfig that IS that ServiceAccount, once allowed.
+    fn agent_kubeconfig(&mut self) -> std::path::PathBuf {
+        let home = self.home.clone();
+        self.namespace(&home, json!({}));
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/ambient-cni.yaml");
+        let text = std::fs::read_to_string(&path).expect("read manifests/ambient-cni.yaml");
+        let role = self.role_name();
+        let admin = self.admin.clone();
+        let mut applied: Vec<String> = self.rt.block_on(async {
+            let mut applied = Vec::new();
+            for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+                let mut obj = Value::deserialize(doc).expect("manifest YAML");
+                let kind = obj["kind"].as_str().unwrap_or_default().to_owned();
+                match kind.as_str() {
+                    "ServiceAccount" => {
+                        assert_eq!(obj["metadata"]["name"], AGENT_SA);
+                        obj["metadata"]["namespace"] = json!(home);
+                        let sa: ServiceAccount = serde_json::from_value(obj).expect("sa");
+                        Api::<ServiceAccount>::namespaced(admin.clone(), &home)
+                            .create(&PostParams::default(), &sa)
+                            .await
+                            .expect("create agent ServiceAccount");
+                    }
+                    "ClusterRole" => {
+                        obj["metadata"]["name"] = json!(role);
+                        let r: ClusterRole = serde_json::from_value(obj).expect("role");
+                        Api::<ClusterRole>::all(admin.clone())
+                            .create(&PostParams::default(), &r)
+                            .await
+                            .expect("create ClusterRole");
+                    }
+                    "ClusterRoleBinding" => {
+                        obj["metadata"]["name"] = json!(role);
+                        obj["roleRef"]["name"] = json!(role);
+                        for s in obj["subjects"].as_array_mut().into_iter().flatten() {
+                            s["namespace"] = json!(home);
+                        }
+                        let b: ClusterRoleBinding = serde_json::from_value(obj).expect("binding");
+                        Api::<ClusterRoleBinding>::all(admin.clone())
+                            .create(&PostParams::default(), &b)
+                            .await
+                            .expect("create ClusterRoleBinding");
+                    }
+                    _ => continue,
+                }
+                applied.push(kind);
+            }
+            applied
+        });
+        applied.sort();
+        assert_eq!(
+            applied,
+            ["ClusterRole", "ClusterRoleBinding", "ServiceAccount"]
+        );
+        let kc = self
+            .peer
+            .kubeconfig_for(&home, AGENT_SA)
+            .expect("kubeconfig-for");
+        // The binding reaches the authorizer shortly after creation: wait until it is effective.
+        let allowed = self.rt.block_on(async {
+            let agent = client_for(&kc).await;
+            let pods: Api<Pod> = Api::all(agent);
+            let deadline = Instant::now() + LONG;
+            while Instant::now() < deadline {
+                if pods.list(&ListParams::default().limit(1)).await.is_ok() {
+                    return true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            false
+        });
+        assert!(allowed, "the agent's ServiceAccount never got its RBAC");
+        kc
+    }
+
+    /// Creates a pod bound to `node` (no token mount); returns its UID.
+    fn create_pod(&self, ns: &str, name: &str, node: &str) -> String {
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"app": name}},
+            "spec": {"nodeName": node, "serviceAccountName": WORKLOAD_SA,
+                "automountServiceAccountToken": false,
+                "containers": [{"name": "app", "image": "app"}]},
+        }))
+        .expect("pod");
+        let api: Api<Pod> = Api::namespaced(self.admin.clone(), ns);
+        let created = self
+            .rt
+            .block_on(api.create(&PostParams::default(), &p))
+            .expect("create pod");
+        created.metadata.uid.expect("uid")
+    }
+
+    /// Writes what a kubelet would: phase Running and the pod's IP.
+    fn set_running(&self, ns: &str, name: &str, ip: &str) {
+        let st = json!({"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]}});
+        let api: Api<Pod> = Api::namespaced(self.admin.clone(), ns);
+        self.rt
+            .block_on(api.patch_status(name, &PatchParams::default(), &Patch::Merge(&st)))
+            .expect("patch pod status");
+    }
+
+    fn label_namespace(&self, ns: &str, mode: Option<&str>) {
+        let patch = json!({"metadata": {"labels": {MODE: mode}}});
+        let api: Api<Namespace> = Api::all(self.admin.clone());
+        self.rt
+            .block_on(api.patch(ns, &PatchParams::default(), &Patch::Merge(&patch)))
+            .expect("label namespace");
+    }
+
+    fn label_pod(&self, ns: &str, name: &str, mode: Option<&str>) {
+        let patch = json!({"metadata": {"labels": {MODE: mode}}});
+        let api: Api<Pod> = Api::namespaced(self.admin.clone(), ns);
+        self.rt
+            .block_on(api.patch(name, &PatchParams::default(), &Patch::Merge(&patch)))
+            .expect("label pod");
+    }
+
+    /// The pod's redirection annotation, read with the admin client.
+    fn annotation(&self, ns: &str, name: &str) -> Option<String> {
+        let api: Api<Pod> = Api::namespaced(self.admin.clone(), ns);
+        let p = self.rt.block_on(api.get(name)).ok()?;
+        p.metadata.annotations?.get(ANNOTATION).cloned()
+    }
+
+    /// Events of `reason` about pod `name`.
+    fn events(&self, ns: &str, name: &str, reason: &str) -> Vec<Event> {
+        let api: Api<Event> = Api::namespaced(self.admin.clone(), ns);
+        self.rt
+            .block_on(api.list(&ListParams::default()))
+            .map(|l| l.items)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|e| {
+                e.reason.as_deref() == Some(reason)
+                    && e.involved_object.name.as_deref() == Some(name)
+            })
+            .collect()
+    }
+
+    /// The API server's address, from the admin kubeconfig.
+    fn api_addr(&self) -> SocketAddr {
+        let text = std::fs::read_to_string(&self.peer.kubeconfig).expect("admin kubeconfig");
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&text).expect("yaml");
+        let server = v["clusters"][0]["cluster"]["server"]
+            .as_str()
+            .expect("server")
+            .to_owned();
+        server
+            .trim_start_matches("https://")
+            .trim_end_matches('/')
+            .parse()
+            .expect("server is https://IP:PORT")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let admin = self.admin.clone();
+        let namespaces = self.namespaces.clone();
+        let role = self.role_name();
+        self.rt.block_on(async move {
+            let force = DeleteParams {
+                grace_period_seconds: Some(0),
+                ..DeleteParams::default()
+            };
+            for ns in &namespaces {
+                // Pods bound to a node wait for a kubelet: force them out first.
+                let api: Api<Pod> = Api::namespaced(admin.clone(), ns);
+                if let Ok(list) = api.list(&ListParams::default()).await {
+                    for p in list.items {
+                        let _ = api
+                            .delete(p.metadata.name.as_deref().unwrap_or_default(), &force)
+                            .await;
+                    }
+                }
+                let _ = Api::<Namespace>::all(admin.clone())
+                    .delete(ns, &DeleteParams::default())
+                    .await;
+            }
+            let _ = Api::<ClusterRoleBinding>::all(admin.clone())
+                .delete(&role, &DeleteParams::default())
+                .await;
+            let _ = Api::<ClusterRole>::all(admin)
+                .delete(&role, &DeleteParams::default())
+                .await;
+        });
+    }
+}
+
+fn inode(ns: &NamedNetns) -> u64 {
+    std::fs::metadata(ns.path()).expect("netns file").ino()
+}
+
+/// Our in-pod rules in a netns (native nftables tables or iptables ISTIO_ chains).
+fn rules_count(ns: &NamedNetns) -> usize {
+    let nft = ns.exec(&["nft", "list", "tables"]);
+    let ipt = ns.exec(&["iptables-save"]);
+    String::from_utf8_lossy(&nft.stdout)
+        .lines()
+        .filter(|l| l.contains("istio-ambient"))
+        .count()
+        + String::from_utf8_lossy(&ipt.stdout)
+            .lines()
+            .filter(|l| l.contains("ISTIO_"))
+            .count()
+}
+
+fn added(z: &Standin, uid: &str) -> Option<Value> {
+    z.events_of("add").into_iter().find(|e| e["uid"] == uid)
+}
+
+fn released(z: &Standin, uid: &str) -> bool {
+    z.events()
+        .iter()
+        .any(|e| (e["event"] == "del" || e["event"] == "drained") && e["uid"] == uid)
+}
+
+fn agent_status(dir: &Path) -> Value {
+    let out = std::process::Command::new(agent_bin())
+        .args(["status", "--json", "--run-dir"])
+        .arg(dir.join("run"))
+        .output()
+        .expect("exec agent status");
+    serde_json::from_slice(&out.stdout).unwrap_or(Value::Null)
+}
+
+fn wait(what: &str, agent: &AgentProcess, cond: impl FnMut() -> bool) {
+    assert!(
+        wait_for(LONG, cond),
+        "timed out: {what}\n--- agent log:\n{}",
+        agent.log_text()
+    );
+}
+
+#[test]
+fn running_pods_follow_namespace_and_pod_labels() {
+    let Some(peer) = kube_peer("running_pods_follow_namespace_and_pod_labels") else {
+        return;
+    };
+    if kubelet::cgroup2_mount().is_none() {
+        assert!(std::env::var_os("CI").is_none(), "no cgroup2 hierarchy");
+        eprintln!("skipped: no cgroup2 hierarchy for the /proc scan");
+        return;
+    }
+    let mut c = Cluster::new(peer, "lbl");
+    let ns = format!("ik-{}-app", c.suffix);
+    c.namespace(&ns, json!({}));
+    let kc = c.agent_kubeconfig();
+    let (node, other) = (c.node(), c.other_node());
+
+    // Pods as a kubelet leaves them: API object, netns with the IP, a process in its cgroup.
+    let pods: Vec<(String, RunningPod)> = [("a", &node, 11), ("b", &node, 12), ("far", &other, 13)]
+        .iter()
+        .map(|(name, n, host)| {
+            let uid = c.create_pod(&ns, name, n);
+            let ip = format!("10.96.71.{host}");
+            let rp = RunningPod::start(&uid, &ip);
+            c.set_running(&ns, name, &ip);
+            (name.to_string(), rp)
+        })
+        .collect();
+    let [(_, a), (_, b), (_, far)] = &pods[..] else {
+        unreachable!()
+    };
+
+    let dir = TempDir::new("acni-ik");
+    let agent = AgentProcess::start_kube(&dir.0, &kc, &node, &["--rules-backend", "nftables"]);
+    let z = Standin::start(&dir.join("ztunnel.sock"), &dir.join("standin.jsonl"), &[]);
+    assert!(
+        z.wait_count("snapshot_sent", 1, LONG),
+        "{}",
+        agent.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(z.events_of("add").is_empty(), "nothing is in the mesh yet");
+
+    // Namespace labelled: its running pods on this node join, found by the /proc scan (no CNI).
+    c.label_namespace(&ns, Some("ambient"));
+    wait("a and b enrolled", &agent, || {
+        added(&z, &a.uid).is_some() && added(&z, &b.uid).is_some()
+    });
+    for (p, name) in [(a, "a"), (b, "b")] {
+        let e = added(&z, &p.uid).expect("add");
+        assert_eq!(
+            e["netns_inode"],
+            inode(&p.netns),
+            "{name}: the pod's own netns"
+        );
+        assert_eq!(e["namespace"], ns.as_str());
+        assert_eq!(e["service_account"], WORKLOAD_SA);
+        assert!(rules_count(&p.netns) > 0, "{name} has rules");
+        wait(&format!("{name} annotated enabled"), &agent, || {
+            c.annotation(&ns, name).as_deref() == Some("enabled")
+        });
+    }
+    // The other node's pod is not ours.
+    assert!(added(&z, &far.uid).is_none());
+    assert_eq!(rules_count(&far.netns), 0);
+    assert_eq!(c.annotation(&ns, "far"), None);
+
+    // Pod label `none`: released (rules out, ztunnel told, annotation gone).
+    c.label_pod(&ns, "b", Some("none"));
+    wait("b released", &agent, || released(&z, &b.uid));
+    wait("b's rules removed", &agent, || rules_count(&b.netns) == 0);
+    wait("b's annotation removed", &agent, || {
+        c.annotation(&ns, "b").is_none()
+    });
+    assert_eq!(c.annotation(&ns, "a").as_deref(), Some("enabled"));
+    assert!(rules_count(&a.netns) > 0, "a keeps its rules");
+
+    // Namespace unlabelled: the rest leaves.
+    c.label_namespace(&ns, None);
+    wait("a released", &agent, || released(&z, &a.uid));
+    wait("a's rules removed", &agent, || rules_count(&a.netns) == 0);
+    wait("a's annotation removed", &agent, || {
+        c.annotation(&ns, "a").is_none()
+    });
+
+    // No ztunnel connected: enrolment fails; the pod is pending and gets a Warning Event.
+    drop(z);
+    wait("no ztunnel connection", &agent, || {
+        agent_status(&dir.0)["ztunnel_connections"] == 0
+    });
+    c.label_namespace(&ns, Some("ambient"));
+    wait("a pending", &agent, || {
+        c.annotation(&ns, "a").as_deref() == Some("pending")
+    });
+    wait("EnrollmentFailed event on a", &agent, || {
+        !c.events(&ns, "a", "EnrollmentFailed").is_empty()
+    });
+    let ev = &c.events(&ns, "a", "EnrollmentFailed")[0];
+    assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    assert_eq!(ev.involved_object.uid.as_deref(), Some(a.uid.as_str()));
+    assert!(
+        ev.message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("ztunnel"),
+        "{:?}",
+        ev.message
+    );
+    assert_eq!(
+        ev.source.as_ref().and_then(|s| s.host.as_deref()),
+        Some(node.as_str())
+    );
+    assert!(
+        c.annotation(&ns, "b").is_none(),
+        "b's own label still says none"
+    );
+    // ztunnel back: the pending pod is enrolled.
+    let z2 = Standin::start(&dir.join("ztunnel.sock"), &dir.join("standin2.jsonl"), &[]);
+    wait("a enrolled once ztunnel is back", &agent, || {
+        c.annotation(&ns, "a").as_deref() == Some("enabled")
+    });
+    assert!(added(&z2, &a.uid).is_some());
+    assert!(added(&z2, &b.uid).is_none() && added(&z2, &far.uid).is_none());
+    drop(agent);
+}
+
+/// The bridge chain then our plugin.
+fn chain(dir: &TempDir, bridge: &HostLink, subnet: u8) -> Chain {
+    Chain::bridge_then(
+        "1.0.0",
+        &bridge.0,
+        &format!("10.99.{subnet}.0/24"),
+        &dir.0,
+        plugin_entry(&dir.join("plugin.sock"), 5000),
+    )
+}
+
+#[test]
+fn plugin_add_is_captured_and_fails_closed_while_the_api_server_is_down() {
+    let test = "plugin_add_is_captured_and_fails_closed_while_the_api_server_is_down";
+    let Some(peer) = kube_peer(test) else {
+        return;
+    };
+    let mut c = Cluster::new(peer, "add");
+    let mesh = format!("ik-{}-mesh", c.suffix);
+    let plain = format!("ik-{}-plain", c.suffix);
+    c.namespace(&mesh, json!({MODE: "ambient"}));
+    c.namespace(&plain, json!({}));
+    let kc = c.agent_kubeconfig();
+    let node = c.node();
+
+    // The agent reaches the API server through a gate the test can close.
+    let dir = TempDir::new("acni-ika");
+    let gate = TcpGate::open(c.api_addr());
+    let gated = dir.join("agent.kubeconfig");
+    kubeconfig_via(&kc, &format!("https://{}", gate.addr()), &gated).expect("gated kubeconfig");
+    let agent = AgentProcess::start_kube(&dir.0, &gated, &node, &["--rules-backend", "iptables"]);
+    let z = Standin::start(&dir.join("ztunnel.sock"), &dir.join("standin.jsonl"), &[]);
+    assert!(
+        z.wait_count("snapshot_sent", 1, LONG),
+        "{}",
+        agent.log_text()
+    );
+    let bridge = HostLink(unique("acbr"));
+    let chain = chain(&dir, &bridge, 71);
+
+    // A new pod (no status yet: the kubelet runs CNI before it has an IP) in a labelled namespace.
+    let uid = c.create_pod(&mesh, "web", &node);
+    let web = NamedNetns::new();
+    let att = Attachment::pod(&web.path(), &mesh, "web", &uid);
+    let res = chain
+        .add(&att)
+        .unwrap_or_else(|(i, e)| panic!("ADD plugin {i}: {e:?}\n{}", agent.log_text()));
+    assert_eq!(res[1], res[0]);
+    let e = added(&z, &uid).expect("ztunnel got the pod");
+    assert_eq!(e["netns_inode"], inode(&web));
+    assert_eq!(e["service_account"], WORKLOAD_SA);
+    assert!(rules_count(&web) > 0);
+    wait("web annotated enabled", &agent, || {
+        c.annotation(&mesh, "web").as_deref() == Some("enabled")
+    });
+
+    // Unlabelled namespace: not in the mesh.
+    let puid = c.create_pod(&plain, "db", &node);
+    let db = NamedNetns::new();
+    let patt = Attachment::pod(&db.path(), &plain, "db", &puid);
+    chain
+        .add(&patt)
+        .unwrap_or_else(|(i, e)| panic!("ADD plugin {i}: {e:?}"));
+    assert_eq!(rules_count(&db), 0);
+    assert!(added(&z, &puid).is_none());
+
+    // API server unreachable, and a pod the agent has not seen: the ADD fails closed (11).
+    gate.off();
+    let luid = c.create_pod(&mesh, "late", &node);
+    let late = NamedNetns::new();
+    let latt = Attachment::pod(&late.path(), &mesh, "late", &luid);
+    let (idx, exec) = chain
+        .add(&latt)
+        .expect_err("API server down: the ADD of an unknown pod must fail");
+    assert_eq!(idx, 1, "our plugin failed, not the bridge");
+    let v = exec.assert_error(11);
+    eprintln!("ADD with the API server down: {:?}: {v}", exec.elapsed);
+    assert!(exec.elapsed < Duration::from_secs(6), "{:?}", exec.elapsed);
+    assert!(added(&z, &luid).is_none());
+    assert_eq!(rules_count(&late), 0, "nothing half-applied");
+    // The runtime tears the failed sandbox down (DEL never fails), then retries.
+    chain.del(&latt, None).expect("DEL");
+
+    // Back: the kubelet's retry succeeds.
+    gate.on();
+    let back = Instant::now();
+    let mut attempts = 0;
+    let res = loop {
+        attempts += 1;
+        match chain.add(&latt) {
+            Ok(r) => break r,
+            Err((i, e)) => {
+                assert!(
+                    back.elapsed() < LONG,
+                    "retry never succeeded: plugin {i}: {e:?}\n{}",
+                    agent.log_text()
+                );
+                assert_eq!(i, 1, "{e:?}");
+                e.assert_error(11);
+                chain.del(&latt, None).expect("DEL");
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    };
+    eprintln!(
+        "ADD succeeded {:?} after the API server came back ({attempts} attempt(s))",
+        back.elapsed()
+    );
+    assert_eq!(res[1], res[0]);
+    let e = added(&z, &luid).expect("ztunnel got the late pod");
+    assert_eq!(e["netns_inode"], inode(&late));
+    assert!(rules_count(&late) > 0);
+    wait("late annotated enabled", &agent, || {
+        c.annotation(&mesh, "late").as_deref() == Some("enabled")
+    });
+    chain.del(&att, Some(&res[1])).expect("DEL web");
+    drop(agent);
+}
+
+/// Where an access is asked: in the test's workload namespace, or cluster-wide (all
+/// namespaces for a namespaced resource; the only scope of a cluster-scoped one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    Ns,
+    All,
+}
+
+/// One access: (verb, API group, resource, subresource, scope).
+type Access = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    Scope,
+);
+
+/// What docs/contract.md ("Kubernetes": "minimal RBAC: pods/namespaces get/list/watch,
+/// pods/status patch, events create") grants the agent, as (verb, group, resource) rules;
+/// events in both groups that serve them (core and `events.k8s.io`).
+const CONTRACT_RULES: &[(&str, &str, &str)] = &[
+    ("get", "", "pods"),
+    ("list", "", "pods"),
+    ("watch", "", "pods"),
+    ("get", "", "namespaces"),
+    ("list", "", "namespaces"),
+    ("watch", "", "namespaces"),
+    ("patch", "", "pods/status"),
+    ("create", "", "events"),
+    ("create", "events.k8s.io", "events"),
+];
+
+/// What every authenticated user may do (the `system:basic-user` ClusterRole): ask these
+/// very questions.
+const BASIC_USER_RULES: &[(&str, &str, &str)] = &[
+    ("create", "authorization.k8s.io", "selfsubjectaccessreviews"),
+    ("create", "authorization.k8s.io", "selfsubjectrulesreviews"),
+];
+
+/// Every access the contract lists, where the agent uses it (the pod watch is cluster-wide
+/// with a node field selector; status patches and events are in the pod's namespace).
+const MUST_ALLOW: &[Access] = &[
+    ("get", "", "pods", "", Scope::Ns),
+    ("list", "", "pods", "", Scope::Ns),
+    ("watch", "", "pods", "", Scope::Ns),
+    ("get", "", "pods", "", Scope::All),
+    ("list", "", "pods", "", Scope::All),
+    ("watch", "", "pods", "", Scope::All),
+    ("get", "", "namespaces", "", Scope::All),
+    ("list", "", "namespaces", "", Scope::All),
+    ("watch", "", "namespaces", "", Scope::All),
+    ("patch", "", "pods", "status", Scope::Ns),
+    ("patch", "", "pods", "status", Scope::All),
+    ("create", "", "events", "", Scope::Ns),
+    ("create", "events.k8s.io", "events", "", Scope::Ns),
+];
+
+/// What a node agent must not be able to do: other verbs on the same resources, other
+/// subresources, other resources a node agent might be tempted to read, escalation paths.
+const MUST_DENY: &[Access] = &[
+    // Pods: read and status-patch only.
+    ("create", "", "pods", "", Scope::Ns),
+    ("update", "", "pods", "", Scope::Ns),
+    ("patch", "", "pods", "", Scope::Ns),
+    ("patch", "", "pods", "", Scope::All),
+    ("delete", "", "pods", "", Scope::Ns),
+    ("deletecollection", "", "pods", "", Scope::Ns),
+    ("update", "", "pods", "status", Scope::Ns),
+    ("get", "", "pods", "log", Scope::Ns),
+    ("create", "", "pods", "exec", Scope::Ns),
+    ("create", "", "pods", "attach", Scope::Ns),
+    ("create", "", "pods", "portforward", Scope::Ns),
+    ("create", "", "pods", "eviction", Scope::Ns),
+    ("create", "", "pods", "binding", Scope::Ns),
+    ("patch", "", "pods", "ephemeralcontainers", Scope::Ns),
+    // Namespaces: read only.
+    ("create", "", "namespaces", "", Scope::All),
+    ("update", "", "namespaces", "", Scope::All),
+    ("patch", "", "namespaces", "", Scope::All),
+    ("delete", "", "namespaces", "", Scope::All),
+    ("patch", "", "namespaces", "status", Scope::All),
+    ("update", "", "namespaces", "finalize", Scope::All),
+    // Events: create only.
+    ("get", "", "events", "", Scope::Ns),
+    ("list", "", "events", "", Scope::All),
+    ("watch", "", "events", "", Scope::All),
+    ("update", "", "events", "", Scope::Ns),
+    ("patch", "", "events", "", Scope::Ns),
+    ("delete", "", "events", "", Scope::Ns),
+    ("list", "events.k8s.io", "events", "", Scope::Ns),
+    ("patch", "events.k8s.io", "events", "", Scope::Ns),
+    // Secrets, configmaps, service accounts and their tokens.
+    ("get", "", "secrets", "", Scope::Ns),
+    ("list", "", "secrets", "", Scope::Ns),
+    ("list", "", "secrets", "", Scope::All),
+    ("watch", "", "secrets", "", Scope::All),
+    ("get", "", "configmaps", "", Scope::Ns),
+    ("list", "", "configmaps", "", Scope::All),
+    ("update", "", "configmaps", "", Scope::Ns),
+    ("patch", "", "configmaps", "", Scope::Ns),
+    ("create", "", "configmaps", "", Scope::Ns),
+    ("get", "", "serviceaccounts", "", Scope::Ns),
+    ("create", "", "serviceaccounts", "token", Scope::Ns),
+    // Nodes: not in the contract (the agent knows its node from NODE_NAME).
+    ("get", "", "nodes", "", Scope::All),
+    ("list", "", "nodes", "", Scope::All),
+    ("watch", "", "nodes", "", Scope::All),
+    ("patch", "", "nodes", "", Scope::All),
+    ("patch", "", "nodes", "status", Scope::All),
+    ("get", "", "nodes", "proxy", Scope::All),
+    // Other workloads and networking objects.
+    ("get", "", "services", "", Scope::Ns),
+    ("list", "", "endpoints", "", Scope::All),
+    ("list", "discovery.k8s.io", "endpointslices", "", Scope::All),
+    ("get", "apps", "daemonsets", "", Scope::Ns),
+    ("list", "apps", "daemonsets", "", Scope::All),
+    ("patch", "apps", "deployments", "", Scope::Ns),
+    (
+        "list",
+        "networking.k8s.io",
+        "networkpolicies",
+        "",
+        Scope::All,
+    ),
+    ("get", "coordination.k8s.io", "leases", "", Scope::Ns),
+    ("create", "coordination.k8s.io", "leases", "", Scope::Ns),
+    ("update", "coordination.k8s.io", "leases", "", Scope::Ns),
+    // Escalation.
+    (
+        "create",
+        "rbac.authorization.k8s.io",
+        "clusterroles",
+        "",
+        Scope::All,
+    ),
+    (
+        "escalate",
+        "rbac.authorization.k8s.io",
+        "clusterroles",
+        "",
+        Scope::All,
+    ),
+    (
+        "bind",
+        "rbac.authorization.k8s.io",
+        "clusterroles",
+        "",
+        Scope::All,
+    ),
+    (
+        "create",
+        "rbac.authorization.k8s.io",
+        "clusterrolebindings",
+        "",
+        Scope::All,
+    ),
+    (
+        "create",
+        "rbac.authorization.k8s.io",
+        "rolebindings",
+        "",
+        Scope::Ns,
+    ),
+    ("impersonate", "", "users", "", Scope::All),
+    ("impersonate", "", "serviceaccounts", "", Scope::Ns),
+    ("impersonate", "", "groups", "", Scope::All),
+    (
+        "create",
+        "authentication.k8s.io",
+        "tokenreviews",
+        "",
+        Scope::All,
+    ),
+    (
+        "create",
+        "authorization.k8s.io",
+        "subjectaccessreviews",
+        "",
+        Scope::All,
+    ),
+    ("approve", "certificates.k8s.io", "signers", "", Scope::All),
+    (
+        "create",
+        "certificates.k8s.io",
+        "certificatesigningrequests",
+        "",
+        Scope::All,
+    ),
+    ("*", "*", "*", "", Scope::All),
+    ("*", "", "pods", "", Scope::Ns),
+];
+
+/// `SelfSubjectAccessReview`: (allowed, reason) for `a` as the client's own identity.
+async fn can_i(client: &Client, ns: &str, a: Access) -> (bool, String) {
+    let (verb, group, resource, sub, scope) = a;
+    let mut attrs = json!({"verb": verb, "group": group, "resource": resource});
+    if !sub.is_empty() {
+        attrs["subresource"] = json!(sub);
+    }
+    if scope == Scope::Ns {
+        attrs["namespace"] = json!(ns);
+    }
+    let review: SelfSubjectAccessReview =
+        serde_json::from_value(json!({"spec": {"resourceAttributes": attrs}})).expect("review");
+    let got = Api::<SelfSubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap_or_else(|e| panic!("SelfSubjectAccessReview {a:?}: {e}"));
+    let st = got.status.unwrap_or_default();
+    let why = format!(
+        "reason={:?} evaluationError={:?}",
+        st.reason, st.evaluation_error
+    );
+    (st.allowed, why)
+}
+
+/// `kubectl` when there is one: `$KUBE_PEER_DIR/kubectl`, the peer's `bin/`, else `PATH`.
+fn find_kubectl(peer: &KubePeer) -> Option<std::path::PathBuf> {
+    let mut candidates = vec![peer.dir.join("kubectl")];
+    if let Some(kube) = peer.dir.parent().and_then(Path::parent) {
+        candidates.push(kube.join("bin/kubectl"));
+    }
+    for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+        candidates.push(dir.join("kubectl"));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// `kubectl auth can-i` for `a`: `Some(yes)`, or `None` when kubectl answered neither.
+fn kubectl_can_i(kubectl: &Path, kc: &Path, cache: &Path, ns: &str, a: Access) -> Option<bool> {
+    let (verb, group, resource, sub, scope) = a;
+    let what = if group.is_empty() || (group == "*" && resource == "*") {
+        resource.to_owned()
+    } else {
+        format!("{resource}.{group}")
+    };
+    let mut cmd = std::process::Command::new(kubectl);
+    cmd.arg("--kubeconfig")
+        .arg(kc)
+        .arg("--cache-dir")
+        .arg(cache)
+        .args(["auth", "can-i", verb, &what]);
+    if !sub.is_empty() {
+        cmd.arg(format!("--subresource={sub}"));
+    }
+    match scope {
+        Scope::Ns => cmd.args(["-n", ns]),
+        Scope::All => cmd.arg("--all-namespaces"),
+    };
+    let out = cmd.output().ok()?;
+    match String::from_utf8_lossy(&out.stdout).trim() {
+        "yes" => Some(true),
+        "no" => Some(false),
+        other => {
+            eprintln!(
+                "kubectl auth can-i {verb} {what}: {other:?} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            None
+        }
+    }
+}
+
+/// (verb, group, resource) of every resource rule that applies in the reviewed namespace.
+fn expand(rules: &[ResourceRule]) -> Vec<(String, String, String)> {
+    let mut out = Vec::new();
+    for r in rules {
+        assert!(
+            r.resource_names.as_ref().is_none_or(|n| n.is_empty()),
+            "a rule limited to names: {r:?}"
+        );
+        for v in &r.verbs {
+            for g in r.api_groups.iter().flatten() {
+                for res in r.resources.iter().flatten() {
+                    out.push((v.clone(), g.clone(), res.clone()));
+                }
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    out
+}
+
+#[test]
+fn agent_service_account_can_do_exactly_what_the_contract_lists() {
+    let test = "agent_service_account_can_do_exactly_what_the_contract_lists";
+    let Some(peer) = kube_peer(test) else {
+        return;
+    };
+    let started = Instant::now();
+    let mut c = Cluster::new(peer.clone(), "rbac");
+    let ns = format!("ik-{}-app", c.suffix);
+    c.namespace(&ns, json!({}));
+    let kc = c.agent_kubeconfig();
+    let agent = c.rt.block_on(client_for(&kc));
+
+    // Who we are: the ServiceAccount, not the admin (a test that asks as admin proves nothing).
+    let whoami = c.rt.block_on(async {
+        let sar: SelfSubjectAccessReview = serde_json::from_value(json!({"spec": {
+            "resourceAttributes": {"verb": "get", "resource": "secrets", "namespace": ns}}}))
+        .expect("review");
+        Api::<SelfSubjectAccessReview>::all(agent.clone())
+            .create(&PostParams::default(), &sar)
+            .await
+            .expect("SelfSubjectAccessReview")
+    });
+    assert_eq!(
+        whoami.status.map(|s| s.allowed),
+        Some(false),
+        "this client is not the agent's ServiceAccount (it may read secrets)"
+    );
+
+    // `kubectl auth can-i --list`: every resource rule that applies in the namespace.
+    let rules = c.rt.block_on(async {
+        let review: SelfSubjectRulesReview =
+            serde_json::from_value(json!({"spec": {"namespace": ns}})).expect("rules review");
+        Api::<SelfSubjectRulesReview>::all(agent.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .expect("SelfSubjectRulesReview")
+    });
+    let status = rules.status.expect("SelfSubjectRulesReview status");
+    assert!(
+        !status.incomplete,
+        "the rules review is incomplete: {:?}",
+        status.evaluation_error
+    );
+    let got = expand(&status.resource_rules);
+    let mut want: Vec<(String, String, String)> = CONTRACT_RULES
+        .iter()
+        .chain(BASIC_USER_RULES)
+        .map(|(v, g, r)| (v.to_string(), g.to_string(), r.to_string()))
+        .collect();
+    want.sort();
+    let extra: Vec<_> = got.iter().filter(|r| !want.contains(r)).collect();
+    let missing: Vec<_> = want.iter().filter(|r| !got.contains(r)).collect();
+    assert!(
+        extra.is_empty() && missing.is_empty(),
+        "the shipped RBAC (manifests/ambient-cni.yaml) is not the contract's \
+         (docs/contract.md \"minimal RBAC\"):\n  granted beyond the contract: {extra:?}\n  \
+         listed by the contract but not granted: {missing:?}\n  all rules: {:#?}",
+        status.resource_rules
+    );
+
+    // Each access, asked one by one (a rules review lists; the authorizer decides).
+    let answers: Vec<(Access, bool, String)> = c.rt.block_on(async {
+        let mut out = Vec::new();
+        for a in MUST_ALLOW.iter().chain(MUST_DENY) {
+            let (ok, why) = can_i(&agent, &ns, *a).await;
+            out.push((*a, ok, why));
+        }
+        out
+    });
+    let wrong: Vec<String> = answers
+        .iter()
+        .filter(|(a, ok, _)| *ok != MUST_ALLOW.contains(a))
+        .map(|(a, ok, why)| {
+            let want = if *ok { "denied" } else { "allowed" };
+            format!("{a:?}: must be {want} ({why})")
+        })
+        .collect();
+    assert!(
+        wrong.is_empty(),
+        "the agent's ServiceAccount has the wrong access:\n  {}",
+        wrong.join("\n  ")
+    );
+
+    // The answers hold for real requests too.
+    c.rt.block_on(async {
+        let pods: Api<Pod> = Api::all(agent.clone());
+        pods.list(&ListParams::default().limit(1))
+            .await
+            .expect("list pods as the agent");
+        let secrets: Api<Secret> = Api::namespaced(agent.clone(), &ns);
+        match secrets.list(&ListParams::default()).await {
+            Err(kube::Error::Api(s)) => {
+                assert_eq!(s.code, 403, "list secrets as the agent: {s:?}")
+            }
+            other => panic!("list secrets as the agent must be forbidden: {other:?}"),
+        }
+        let own: Api<Pod> = Api::namespaced(agent.clone(), &ns);
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "forbidden"},
+            "spec": {"serviceAccountName": WORKLOAD_SA, "automountServiceAccountToken": false,
+                "containers": [{"name": "app", "image": "app"}]},
+        }))
+        .expect("pod");
+        match own.create(&PostParams::default(), &p).await {
+            Err(kube::Error::Api(s)) => assert_eq!(s.code, 403, "create pod as the agent: {s:?}"),
+            other => panic!("create pod as the agent must be forbidden: {other:?}"),
+        }
+    });
+
+    // The same table through kubectl, when this machine has it.
+    match find_kubectl(&peer) {
+        None => eprintln!("no kubectl (PATH, KUBE_PEER_DIR): the kubectl cross-check is skipped"),
+        Some(kubectl) => {
+            let cache = TempDir::new("acni-kubectl");
+            let mut disagree = Vec::new();
+            let mut unanswered = 0;
+            for (a, ok, _) in &answers {
+                match kubectl_can_i(&kubectl, &kc, &cache.0, &ns, *a) {
+                    Some(yes) if yes != *ok => disagree.push(format!("{a:?}: kubectl says {yes}")),
+                    Some(_) => {}
+                    None => unanswered += 1,
+                }
+            }
+            assert!(
+                disagree.is_empty(),
+                "{} auth can-i disagrees with the access reviews:\n  {}",
+                kubectl.display(),
+                disagree.join("\n  ")
+            );
+            assert!(
+                unanswered < answers.len(),
+                "{} never answered yes/no",
+                kubectl.display()
+            );
+            eprintln!(
+                "kubectl ({}) agrees on {} of {} accesses",
+                kubectl.display(),
+                answers.len() - unanswered,
+                answers.len()
+            );
+        }
+    }
+    eprintln!(
+        "{} rules, {} allowed and {} denied accesses checked in {:?}",
+        got.len(),
+        MUST_ALLOW.len(),
+        MUST_DENY.len(),
+        started.elapsed()
+    );
+}
+
+/// How many times the agent logged its (pod, namespace) watch failing.
+fn watch_failures(agent: &AgentProcess) -> (usize, usize) {
+    let log = agent.log_text();
+    (
+        log.matches("pod watch failed").count(),
+        log.matches("namespace watch failed").count(),
+    )
+}
+
+/// Closes `gate` and waits until both of the agent's watches have noticed (their live
+/// connections are cut, so nothing can reach the agent any more).
+fn api_server_down(gate: &TcpGate, agent: &AgentProcess) {
+    let (pods, nss) = watch_failures(agent);
+    gate.off();
+    wait("both watches see the API server gone", agent, || {
+        let (p, n) = watch_failures(agent);
+        p > pods && n > nss
+    });
+}
+
+#[test]
+fn agent_watch_resumes_after_the_api_server_drops_and_misses_no_change() {
+    let test = "agent_watch_resumes_after_the_api_server_drops_and_misses_no_change";
+    let Some(peer) = kube_peer(test) else {
+        return;
+    };
+    if kubelet::cgroup2_mount().is_none() {
+        assert!(std::env::var_os("CI").is_none(), "no cgroup2 hierarchy");
+        eprintln!("skipped: no cgroup2 hierarchy for the /proc scan");
+        return;
+    }
+    let mut c = Cluster::new(peer, "drop");
+    let ns = format!("ik-{}-app", c.suffix);
+    c.namespace(&ns, json!({}));
+    let kc = c.agent_kubeconfig();
+    let node = c.node();
+
+    // A running pod (as a kubelet leaves it) in a namespace that is not in the mesh.
+    let uid = c.create_pod(&ns, "web", &node);
+    let web = RunningPod::start(&uid, "10.96.72.11");
+    c.set_running(&ns, "web", &web.ip);
+
+    // The agent reaches the API server through a gate the test can close.
+    let dir = TempDir::new("acni-ikw");
+    let gate = TcpGate::open(c.api_addr());
+    let gated = dir.join("agent.kubeconfig");
+    kubeconfig_via(&kc, &format!("https://{}", gate.addr()), &gated).expect("gated kubeconfig");
+    let agent = AgentProcess::start_kube(&dir.0, &gated, &node, &["--rules-backend", "iptables"]);
+    let z = Standin::start(&dir.join("ztunnel.sock"), &dir.join("standin.jsonl"), &[]);
+    assert!(
+        z.wait_count("snapshot_sent", 1, LONG),
+        "{}",
+        agent.log_text()
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(z.events_of("add").is_empty(), "nothing is in the mesh yet");
+    assert_eq!(rules_count(&web.netns), 0);
+
+    // Outage 1 (an API server restart): the namespace is labelled and a second pod starts
+    // while the agent cannot see either.
+    api_server_down(&gate, &agent);
+    c.label_namespace(&ns, Some("ambient"));
+    let luid = c.create_pod(&ns, "late", &node);
+    let late = RunningPod::start(&luid, "10.96.72.12");
+    c.set_running(&ns, "late", &late.ip);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        added(&z, &uid).is_none() && added(&z, &luid).is_none(),
+        "the agent acted while the gate was closed: the test's premise is broken\n{}",
+        agent.log_text()
+    );
+    assert_eq!(rules_count(&web.netns), 0);
+
+    // Back: the resumed watches deliver both changes; both pods join without any CNI call.
+    gate.on();
+    let back = Instant::now();
+    wait(
+        "web and late enrolled after the watch resumed",
+        &agent,
+        || added(&z, &uid).is_some() && added(&z, &luid).is_some(),
+    );
+    eprintln!(
+        "outage 1: both pods enrolled {:?} after the API server came back",
+        back.elapsed()
+    );
+    for (p, name) in [(&web, "web"), (&late, "late")] {
+        let e = added(&z, &p.uid).expect("add");
+        assert_eq!(
+            e["netns_inode"],
+            inode(&p.netns),
+            "{name}: the pod's own netns"
+        );
+        assert_eq!(e["namespace"], ns.as_str());
+        assert_eq!(e["service_account"], WORKLOAD_SA);
+        assert!(rules_count(&p.netns) > 0, "{name} has rules");
+        wait(&format!("{name} annotated enabled"), &agent, || {
+            c.annotation(&ns, name).as_deref() == Some("enabled")
+        });
+    }
+    assert_eq!(
+        z.events_of("add").len(),
+        2,
+        "one AddWorkload per pod: {:?}",
+        z.events_of("add")
+    );
+
+    // Outage 2: the label goes away while the agent cannot see it.
+    api_server_down(&gate, &agent);
+    c.label_namespace(&ns, None);
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(
+        !released(&z, &uid) && !released(&z, &luid),
+        "released while the gate was closed: the test's premise is broken"
+    );
+    assert!(rules_count(&web.netns) > 0);
+
+    // Back: both pods are released (ztunnel told, rules out, annotation gone).
+    gate.on();
+    let back = Instant::now();
+    wait(
+        "web and late released after the watch resumed",
+        &agent,
+        || released(&z, &uid) && released(&z, &luid),
+    );
+    eprintln!(
+        "outage 2: both pods released {:?} after the API server came back",
+        back.elapsed()
+    );
+    for (p, name) in [(&web, "web"), (&late, "late")] {
+        wait(&format!("{name}'s rules removed"), &agent, || {
+            rules_count(&p.netns) == 0
+        });
+        wait(&format!("{name}'s annotation removed"), &agent, || {
+            c.annotation(&ns, name).is_none()
+        });
+    }
+    drop(agent);
+}
