@@ -233,9 +233,11 @@ impl Installer {
                 dir = %self.config().cni_conf_dir.display(),
                 delay_ms = d.as_millis() as u64,
                 repairs_in_window = throttle.recent(),
-                "the CNI configuration keeps losing the ambient-cni entry and has been repaired \
-                 repeatedly; backing off. Another agent is rewriting it: with Cilium set \
-                 cni.exclusive=false, or use --owned-conf so ambient-cni keeps its own conflist"
+                "the ambient-cni installation (its conflist entry or the plugin binary) keeps \
+                 disappearing and has been repaired repeatedly; backing off. If another CNI agent \
+                 rewrites the conflist (Cilium: set cni.exclusive=false) use --owned-conf so \
+                 ambient-cni keeps its own conflist; if the binary goes, find what cleans the CNI \
+                 bin dir"
             );
             if stop.sleep(d) {
                 return Ok(None);
