@@ -8,8 +8,28 @@ export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
 
 step() { printf '\n==> %s\n' "$*"; }
 
+# Whatever this script started in the background stops with it, on success or failure.
+cleanup() {
+  # The fuzz build runs in a session of its own: kill its whole process group.
+  if [ -n "${fuzz_build:-}" ]; then kill -- "-$fuzz_build" 2>/dev/null || true; fi
+  if [ -n "${kube_started:-}" ]; then "$peers/kube.sh" stop --dir "$KUBE_PEER_DIR" >/dev/null 2>&1 || true; fi
+}
+trap cleanup EXIT
+peers=../shared/peers
+
 step "system packages"
 ./scripts/deps.sh
+
+# The fuzz targets build (instrumented, their own target dir) at low priority from here on:
+# cargo-fuzz compiles with one codegen unit, and the peer builds and the tests wait on
+# downloads, netns, sockets and timers, so this build mostly fills idle CPU.
+fuzz_secs=${FUZZ_SECONDS:-30}
+if [ "$fuzz_secs" != 0 ]; then
+  step "fuzz build (in the background, nice 19; log target/fuzz-build.log)"
+  mkdir -p target
+  setsid nice -n 19 ./scripts/fuzz.sh --build-only > target/fuzz-build.log 2>&1 &
+  fuzz_build=$!
+fi
 
 step "build (release, all binaries; static musl plugin)"
 cargo build --release --workspace --bins
@@ -19,7 +39,6 @@ export AMBIENT_CNI_AGENT="$PWD/target/release/ambient-cni-agent"
 
 # The real peers (stock ztunnel, a real kube-apiserver) are built by ../shared/peers when it
 # is there (CI); elsewhere the interop tests skip unless ZTUNNEL_BIN / KUBECONFIG point at yours.
-peers=../shared/peers
 if [ -d "$peers" ] && [ -z "${ZTUNNEL_BIN:-}" ]; then
   step "real peers: stock ztunnel and kube-apiserver (cached after the first build)"
   export "$("$peers/ztunnel.sh" | tail -1)"
@@ -27,7 +46,7 @@ if [ -d "$peers" ] && [ -z "${ZTUNNEL_BIN:-}" ]; then
   kube_env=$("$peers/kube.sh" start | tail -2)
   # shellcheck disable=SC2086
   export $kube_env
-  trap '"$peers/kube.sh" stop --dir "$KUBE_PEER_DIR" >/dev/null 2>&1 || true' EXIT
+  kube_started=1
   echo "ZTUNNEL_BIN=$ZTUNNEL_BIN KUBECONFIG=$KUBECONFIG"
 fi
 export ZTUNNEL_STANDIN_BIN="$PWD/target/release/ztunnel-standin"
@@ -35,16 +54,6 @@ export ZTUNNEL_STANDIN_BIN="$PWD/target/release/ztunnel-standin"
 step "format and lints"
 cargo fmt --all -- --check
 cargo clippy --release --workspace --all-targets -- -D warnings
-
-# The fuzz targets build (instrumented, its own target dir) at low priority while the tests
-# run: the tests mostly wait on netns, sockets and timers, so the build uses idle CPU.
-fuzz_secs=${FUZZ_SECONDS:-30}
-if [ "$fuzz_secs" != 0 ]; then
-  step "fuzz build (in the background, nice 19)"
-  mkdir -p target
-  nice -n 19 ./scripts/fuzz.sh --build-only > target/fuzz-build.log 2>&1 &
-  fuzz_build=$!
-fi
 
 step "tests"
 # The churn suite at the size the reliability issue asks for: 300 pods in waves of 30.
@@ -55,6 +64,7 @@ cargo test --release --workspace --no-fail-fast || status=$?
 if [ "$fuzz_secs" != 0 ]; then
   step "fuzz: every target for ${fuzz_secs}s (FUZZ_SECONDS; 0 skips)"
   if ! wait "$fuzz_build"; then
+    fuzz_build=
     tail -40 target/fuzz-build.log; echo "fuzz build failed"; exit 1
   fi
   ./scripts/fuzz.sh "$fuzz_secs"
