@@ -160,12 +160,42 @@ pub struct Ztunnel {
     netns: NamedNetns,
     child: Child,
     log: PathBuf,
+    /// `/etc/netns/<its netns>` when [`Ztunnel::start_with`] gave it a resolv.conf; removed on drop.
+    etc_dir: Option<PathBuf>,
+}
+
+/// Options of [`Ztunnel::start_with`] beyond [`Ztunnel::start`]'s.
+#[derive(Debug, Clone, Default)]
+pub struct ZtunnelOptions {
+    /// `RUST_LOG` (default `info`), e.g. `info,dns=debug` for its DNS proxy's access log.
+    pub rust_log: Option<String>,
+    /// Content of the resolv.conf ztunnel sees (its DNS proxy's upstream resolvers), bind
+    /// mounted by `ip netns exec` from `/etc/netns/<its netns>/resolv.conf`; default: the host's.
+    pub resolv_conf: Option<String>,
 }
 
 impl Ztunnel {
     /// Starts `bin` as the ZDS client of `socket`, reading `xds` (written before), logging to `log`.
     pub fn start(bin: &Path, socket: &Path, xds: &Path, log: &Path) -> Self {
+        Self::start_with(bin, socket, xds, log, &ZtunnelOptions::default())
+    }
+
+    /// [`Ztunnel::start`] with `opts`.
+    pub fn start_with(
+        bin: &Path,
+        socket: &Path,
+        xds: &Path,
+        log: &Path,
+        opts: &ZtunnelOptions,
+    ) -> Self {
         let netns = NamedNetns::new();
+        let etc_dir = opts.resolv_conf.as_ref().map(|text| {
+            let d = PathBuf::from("/etc/netns").join(netns.name());
+            std::fs::create_dir_all(&d).expect("/etc/netns dir");
+            std::fs::write(d.join("resolv.conf"), text).expect("ztunnel resolv.conf");
+            d
+        });
+        let rust_log = opts.rust_log.as_deref().unwrap_or("info");
         let logf = std::fs::File::create(log).expect("ztunnel log file");
         // `ip netns exec` and `env` exec, so the child's pid is ztunnel's own.
         let child = Command::new("ip")
@@ -176,7 +206,7 @@ impl Ztunnel {
             .arg("FAKE_CA=true")
             .arg("XDS_ADDRESS=")
             .arg(format!("LOCAL_XDS_PATH={}", xds.display()))
-            .arg("RUST_LOG=info")
+            .arg(format!("RUST_LOG={rust_log}"))
             .arg(bin)
             .stdin(Stdio::null())
             .stdout(logf.try_clone().expect("log fd"))
@@ -187,6 +217,7 @@ impl Ztunnel {
             netns,
             child,
             log: log.to_owned(),
+            etc_dir,
         }
     }
 
@@ -260,6 +291,11 @@ impl Ztunnel {
 impl Drop for Ztunnel {
     fn drop(&mut self) {
         self.kill();
+        if let Some(d) = self.etc_dir.take() {
+            let _ = std::fs::remove_dir_all(d);
+            // `/etc/netns` itself only if this left it empty (other netns may use it).
+            let _ = std::fs::remove_dir("/etc/netns");
+        }
     }
 }
 

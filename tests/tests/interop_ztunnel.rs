@@ -5,13 +5,15 @@
 //!
 //! Skips without `ZTUNNEL_BIN` (or root); fails instead when `CI` is set.
 
-use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ambient_cni_tests::cni::{Attachment, Chain};
 use ambient_cni_tests::peers::*;
 use ambient_cni_tests::*;
+use iptables_rules::netns::Netns;
 use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(20);
@@ -46,6 +48,17 @@ impl World {
     /// Writes the xDS file for the `mesh` pods named in `mesh_pods` (ztunnel reads it only at
     /// start), starts the agent, then one ztunnel, and waits until ztunnel is ready.
     fn new(bin: PathBuf, backend: &'static str, subnet: u8, mesh_pods: &[String]) -> Self {
+        Self::with_services(bin, backend, subnet, mesh_pods, &[])
+    }
+
+    /// [`World::new`] with `services` (entries of the xDS file's `services` list) added.
+    fn with_services(
+        bin: PathBuf,
+        backend: &'static str,
+        subnet: u8,
+        mesh_pods: &[String],
+        services: &[Value],
+    ) -> Self {
         let dir = TempDir::new("acni-zt");
         let pods = dir.join("pods");
         write_namespace(&pods, MESH, json!({"istio.io/dataplane-mode": "ambient"}));
@@ -54,7 +67,9 @@ impl World {
             .iter()
             .map(|n| XdsWorkload::new(MESH, n, &format!("sa-{n}")))
             .collect();
-        std::fs::write(dir.join("xds.yaml"), xds_yaml(&wl)).expect("xds file");
+        let mut xds: Value = serde_json::from_str(&xds_yaml(&wl)).expect("xds is JSON");
+        xds["services"] = Value::Array(services.to_vec());
+        std::fs::write(dir.join("xds.yaml"), xds.to_string()).expect("xds file");
         let agent = AgentProcess::start(&dir.0, &agent_flags(backend));
         let mut me = Self {
             dir,
@@ -74,11 +89,18 @@ impl World {
     fn start_ztunnel(&mut self) -> usize {
         self.started += 1;
         let log = self.dir.join(&format!("ztunnel{}.log", self.started));
-        let z = Ztunnel::start(
+        // Its DNS proxy logs every query (target `dns`, debug) and forwards names it does not
+        // know to a dead loopback resolver: nothing ever leaves for the host's resolvers.
+        let opts = ZtunnelOptions {
+            rust_log: Some("info,dns=debug".into()),
+            resolv_conf: Some("nameserver 127.0.0.1\n".into()),
+        };
+        let z = Ztunnel::start_with(
             &self.bin,
             &self.dir.join("ztunnel.sock"),
             &self.dir.join("xds.yaml"),
             &log,
+            &opts,
         );
         let ok = z.wait_ready(LONG);
         self.ztunnels.push(z);
@@ -570,4 +592,314 @@ fn ztunnel_restart_and_rolling_update_iptables() {
 #[test]
 fn ztunnel_restart_and_rolling_update_nftables() {
     ztunnel_restart_and_rolling_update("nftables", 66);
+}
+
+/// A service that only ztunnel's local xDS knows: no resolver anywhere has this name.
+const DNS_NAME: &str = "web.mesh.svc.cluster.local";
+/// Its VIP, from the benchmarking range (RFC 2544): only ever a DNS answer, never a destination.
+const DNS_VIP: Ipv4Addr = Ipv4Addr::new(198, 18, 67, 10);
+
+/// The xDS `services` entry for [`DNS_NAME`].
+fn dns_service() -> Value {
+    json!({
+        "name": "web",
+        "namespace": MESH,
+        "hostname": DNS_NAME,
+        "vips": [format!("/{DNS_VIP}")],
+        "ports": {},
+    })
+}
+
+/// A DNS answer, as far as the test reads it.
+#[derive(Debug)]
+struct DnsReply {
+    /// Where it came from, as the asking socket sees it.
+    from: SocketAddr,
+    rcode: u8,
+    /// The A records.
+    a: Vec<Ipv4Addr>,
+}
+
+/// A DNS query (RD set) for the A record of `name`.
+fn dns_a_query(id: u16, name: &str) -> Vec<u8> {
+    let mut q = Vec::with_capacity(64);
+    q.extend_from_slice(&id.to_be_bytes());
+    // Flags RD; one question, no other records.
+    q.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        q.push(u8::try_from(label.len()).expect("label length"));
+        q.extend_from_slice(label.as_bytes());
+    }
+    q.push(0);
+    q.extend_from_slice(&[0, 1, 0, 1]); // QTYPE A, QCLASS IN
+    q
+}
+
+/// The index after the (possibly compressed) name at `i`.
+fn skip_dns_name(b: &[u8], mut i: usize) -> Option<usize> {
+    loop {
+        let len = *b.get(i)?;
+        if len & 0xc0 == 0xc0 {
+            return Some(i + 2);
+        }
+        if len == 0 {
+            return Some(i + 1);
+        }
+        i += 1 + usize::from(len);
+    }
+}
+
+/// (rcode, A records) of the response `b` to query `id`.
+fn parse_dns_reply(b: &[u8], id: u16) -> Result<(u8, Vec<Ipv4Addr>), String> {
+    let u16_at = |i: usize| -> Result<u16, String> {
+        match (b.get(i), b.get(i + 1)) {
+            (Some(h), Some(l)) => Ok(u16::from_be_bytes([*h, *l])),
+            _ => Err(format!("truncated DNS message: {b:02x?}")),
+        }
+    };
+    if u16_at(0)? != id {
+        return Err(format!("answer to another query: {b:02x?}"));
+    }
+    let flags = u16_at(2)?;
+    if flags & 0x8000 == 0 {
+        return Err(format!("not a response: {b:02x?}"));
+    }
+    let truncated = || format!("truncated DNS message: {b:02x?}");
+    let mut i = 12;
+    for _ in 0..u16_at(4)? {
+        i = skip_dns_name(b, i).ok_or_else(truncated)? + 4;
+    }
+    let mut a = Vec::new();
+    for _ in 0..u16_at(6)? {
+        i = skip_dns_name(b, i).ok_or_else(truncated)?;
+        let (rtype, rdlen) = (u16_at(i)?, usize::from(u16_at(i + 8)?));
+        i += 10;
+        let rdata = b.get(i..i + rdlen).ok_or_else(truncated)?;
+        if rtype == 1 && rdlen == 4 {
+            a.push(Ipv4Addr::new(rdata[0], rdata[1], rdata[2], rdata[3]));
+        }
+        i += rdlen;
+    }
+    Ok(((flags & 0xf) as u8, a))
+}
+
+/// Sends one UDP A query for `name` from inside `ns` to `to`; waits at most `wait` for the answer.
+fn dns_query_from(
+    ns: &NamedNetns,
+    to: SocketAddr,
+    name: &str,
+    id: u16,
+    wait: Duration,
+) -> Result<DnsReply, String> {
+    let h = Netns::open(Path::new(&ns.path()), None).map_err(|e| e.to_string())?;
+    let query = dns_a_query(id, name);
+    h.run(move || -> Result<DnsReply, String> {
+        // Unconnected: an ICMP port unreachable is not reported, no answer means a timeout.
+        let s = UdpSocket::bind(("0.0.0.0", 0)).map_err(|e| format!("bind: {e}"))?;
+        s.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
+        s.send_to(&query, to)
+            .map_err(|e| format!("send to {to}: {e}"))?;
+        let mut buf = [0u8; 1500];
+        let (n, from) = s
+            .recv_from(&mut buf)
+            .map_err(|e| format!("no answer from {to} within {wait:?}: {e}"))?;
+        let (rcode, a) = parse_dns_reply(&buf[..n], id)?;
+        Ok(DnsReply { from, rcode, a })
+    })
+    .map_err(|e| e.to_string())?
+}
+
+/// The same over TCP (two-byte length prefix); connect, write and read bounded by `wait`.
+fn dns_query_tcp_from(
+    ns: &NamedNetns,
+    to: SocketAddr,
+    name: &str,
+    id: u16,
+    wait: Duration,
+) -> Result<DnsReply, String> {
+    let h = Netns::open(Path::new(&ns.path()), None).map_err(|e| e.to_string())?;
+    let query = dns_a_query(id, name);
+    h.run(move || -> Result<DnsReply, String> {
+        let mut s = TcpStream::connect_timeout(&to, wait).map_err(|e| format!("{to}: {e}"))?;
+        s.set_read_timeout(Some(wait)).map_err(|e| e.to_string())?;
+        s.set_write_timeout(Some(wait)).map_err(|e| e.to_string())?;
+        let len = u16::try_from(query.len()).expect("query length");
+        let mut msg = len.to_be_bytes().to_vec();
+        msg.extend_from_slice(&query);
+        s.write_all(&msg)
+            .map_err(|e| format!("send to {to}: {e}"))?;
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len)
+            .map_err(|e| format!("no answer from {to} within {wait:?}: {e}"))?;
+        let mut buf = vec![0u8; usize::from(u16::from_be_bytes(len))];
+        s.read_exact(&mut buf)
+            .map_err(|e| format!("short answer from {to}: {e}"))?;
+        let from = s.peer_addr().map_err(|e| e.to_string())?;
+        let (rcode, a) = parse_dns_reply(&buf, id)?;
+        Ok(DnsReply { from, rcode, a })
+    })
+    .map_err(|e| e.to_string())?
+}
+
+/// The UDP ports bound in `ns` (`ss -Hlun`).
+fn udp_ports(ns: &NamedNetns) -> Vec<u16> {
+    let out = ns.exec(&["ss", "-Hlun"]);
+    let mut p: Vec<u16> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            l.split_whitespace()
+                .nth(3)?
+                .rsplit(':')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    p.sort();
+    p.dedup();
+    p
+}
+
+/// ztunnel's DNS access log lines (target `dns`, debug) for [`DNS_NAME`] asked by `pod`.
+fn dns_log(w: &World, z: usize, pod: &Pod) -> Vec<String> {
+    w.zt(z).log_lines_with(&[
+        "\tdns\t",
+        &format!("domain=\"{DNS_NAME}."),
+        &format!("src.workload=\"{}\"", pod.name),
+    ])
+}
+
+fn dns_captured_and_answered(backend: &'static str, subnet: u8) {
+    let test = format!("stock_ztunnel_answers_captured_dns_{backend}");
+    let Some(bin) = ztunnel_bin(&test) else {
+        return;
+    };
+    let w = World::with_services(bin, backend, subnet, &["web".into()], &[dns_service()]);
+    let web = w.add_pod(MESH, "web");
+    let client = w.add_pod(PLAIN, "client");
+    w.wait("ztunnel listens in web", || has_zt_ports(&web.netns));
+    w.wait("ztunnel's DNS proxy has its UDP socket in web", || {
+        udp_ports(&web.netns).contains(&15053)
+    });
+    // Where the mesh pod sends its query: the plain pod, where no socket at all is bound.
+    let nameserver = SocketAddr::from((client.ip.parse::<Ipv4Addr>().expect("ip"), 53));
+    assert_eq!(udp_ports(&client.netns), Vec::<u16>::new());
+    assert!(!udp_ports(&web.netns).contains(&53));
+
+    // Mesh pod: the query is captured by the in-pod rules (udp/53 → 15053) and ztunnel's DNS
+    // proxy answers with the VIP that only its xDS knows, from the address asked (NAT undone).
+    let started = std::time::Instant::now();
+    let mut reply = Err("not asked".to_owned());
+    for id in 0x6701..0x6706 {
+        reply = dns_query_from(&web.netns, nameserver, DNS_NAME, id, Duration::from_secs(1));
+        if reply.is_ok() {
+            break;
+        }
+    }
+    let reply =
+        reply.unwrap_or_else(|e| panic!("{backend}: mesh pod's DNS query: {e}\n{}", w.diag()));
+    eprintln!(
+        "{backend}: mesh pod asked {nameserver} for {DNS_NAME}: {reply:?} in {:?}",
+        started.elapsed()
+    );
+    assert_eq!(reply.rcode, 0, "{reply:?}\n{}", w.diag());
+    assert_eq!(reply.a, vec![DNS_VIP], "{reply:?}\n{}", w.diag());
+    assert_eq!(reply.from, nameserver, "{reply:?}");
+    // DNS over TCP/53 is captured too (→ ztunnel's TCP listener on 15053).
+    let tcp = dns_query_tcp_from(
+        &web.netns,
+        nameserver,
+        DNS_NAME,
+        0x6708,
+        Duration::from_secs(2),
+    )
+    .unwrap_or_else(|e| {
+        panic!(
+            "{backend}: mesh pod's DNS query over TCP: {e}\n{}",
+            w.diag()
+        )
+    });
+    assert_eq!((tcp.rcode, &tcp.a), (0, &vec![DNS_VIP]), "{tcp:?}");
+    assert_eq!(tcp.from, nameserver, "{tcp:?}");
+    // ztunnel's upstream is the dead loopback resolver we gave it: the VIP came from its xDS.
+    let resolv = std::fs::read_to_string(format!("/proc/{}/root/etc/resolv.conf", w.zt(0).pid()))
+        .unwrap_or_default();
+    assert_eq!(resolv, "nameserver 127.0.0.1\n", "ztunnel's resolv.conf");
+    w.wait("ztunnel logs the DNS queries (UDP and TCP)", || {
+        dns_log(&w, 0, &web)
+            .iter()
+            .filter(|l| l.contains("result=\"success\"") && l.contains("src.namespace=\"mesh\""))
+            .count()
+            >= 2
+    });
+    for l in dns_log(&w, 0, &web) {
+        eprintln!("ztunnel: {l}");
+    }
+
+    // Non-mesh pod: the same query to the mesh pod's address gets no answer (nothing captures
+    // it, and ztunnel's proxy in web listens on loopback 15053 only).
+    let to_web = SocketAddr::from((web.ip.parse::<Ipv4Addr>().expect("ip"), 53));
+    let plain = dns_query_from(
+        &client.netns,
+        to_web,
+        DNS_NAME,
+        0x6710,
+        Duration::from_millis(1500),
+    );
+    assert!(
+        plain.is_err(),
+        "{backend}: a non-mesh pod got a DNS answer: {plain:?}"
+    );
+    assert!(dns_log(&w, 0, &client).is_empty(), "{}", w.diag());
+
+    // Release (label `none`): rules and ztunnel's proxy go; the very same query from the same
+    // pod to the same address then gets no answer, and ztunnel sees no new query.
+    let asked = dns_log(&w, 0, &web).len();
+    write_pod(
+        &w.dir.join("pods"),
+        MESH,
+        "web",
+        &web.uid,
+        None,
+        json!({"istio.io/dataplane-mode": "none"}),
+    );
+    w.wait("web released: no rules", || w.rules(&web.netns) == 0);
+    w.wait("web released: no ztunnel listeners", || {
+        no_zt_ports(&web.netns) && !udp_ports(&web.netns).contains(&15053)
+    });
+    let released = dns_query_from(
+        &web.netns,
+        nameserver,
+        DNS_NAME,
+        0x6720,
+        Duration::from_millis(1500),
+    );
+    assert!(
+        released.is_err(),
+        "{backend}: a released pod's DNS was still answered: {released:?}\n{}",
+        w.diag()
+    );
+    let released_tcp = dns_query_tcp_from(
+        &web.netns,
+        nameserver,
+        DNS_NAME,
+        0x6721,
+        Duration::from_millis(1500),
+    );
+    assert!(
+        released_tcp.is_err(),
+        "{backend}: a released pod's DNS over TCP was still answered: {released_tcp:?}"
+    );
+    assert_eq!(dns_log(&w, 0, &web).len(), asked, "{}", w.diag());
+    assert!(!w.zt(0).log_text().contains("protocol mismatch"));
+}
+
+#[test]
+fn stock_ztunnel_answers_captured_dns_iptables() {
+    dns_captured_and_answered("iptables", 67);
+}
+
+#[test]
+fn stock_ztunnel_answers_captured_dns_nftables() {
+    dns_captured_and_answered("nftables", 68);
 }
