@@ -12,6 +12,7 @@ step() { printf '\n==> %s\n' "$*"; }
 cleanup() {
   # The fuzz build runs in a session of its own: kill its whole process group.
   if [ -n "${fuzz_build:-}" ]; then kill -- "-$fuzz_build" 2>/dev/null || true; fi
+  if [ -n "${peers_build:-}" ]; then kill -- "-$peers_build" 2>/dev/null || true; fi
   if [ -n "${kube_started:-}" ]; then "$peers/kube.sh" stop --dir "$KUBE_PEER_DIR" >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
@@ -20,15 +21,30 @@ peers=../shared/peers
 step "system packages"
 ./scripts/deps.sh
 
+step "format"
+cargo fmt --all -- --check
+
 # The fuzz targets build (instrumented, their own target dir) at low priority from here on:
 # cargo-fuzz compiles with one codegen unit, and the peer builds and the tests wait on
 # downloads, netns, sockets and timers, so this build mostly fills idle CPU.
-fuzz_secs=${FUZZ_SECONDS:-30}
+fuzz_secs=${FUZZ_SECONDS:-20}
 if [ "$fuzz_secs" != 0 ]; then
   step "fuzz build (in the background, nice 19; log target/fuzz-build.log)"
   mkdir -p target
   setsid nice -n 19 ./scripts/fuzz.sh --build-only > target/fuzz-build.log 2>&1 &
   fuzz_build=$!
+fi
+
+# The real peers (stock ztunnel, a real kube-apiserver) are built by ../shared/peers when it
+# is there (CI; cached after the first build), beside our own build: both are long, and the
+# peers' downloads and link steps leave CPU idle. Elsewhere the interop tests skip unless
+# ZTUNNEL_BIN / KUBECONFIG point at yours.
+if [ -d "$peers" ] && [ -z "${ZTUNNEL_BIN:-}" ]; then
+  step "real peers: stock ztunnel and kube-apiserver (building in the background)"
+  mkdir -p target
+  setsid bash -c 'set -euo pipefail; "$1/ztunnel.sh" | tail -1 > target/peers.env; "$1/kube.sh" build' \
+    _ "$peers" > target/peers-build.log 2>&1 &
+  peers_build=$!
 fi
 
 step "build (release, all binaries; static musl plugin)"
@@ -37,12 +53,13 @@ cargo build --release -p ambient-cni --target x86_64-unknown-linux-musl
 export AMBIENT_CNI_PLUGIN="$PWD/target/x86_64-unknown-linux-musl/release/ambient-cni"
 export AMBIENT_CNI_AGENT="$PWD/target/release/ambient-cni-agent"
 
-# The real peers (stock ztunnel, a real kube-apiserver) are built by ../shared/peers when it
-# is there (CI); elsewhere the interop tests skip unless ZTUNNEL_BIN / KUBECONFIG point at yours.
-if [ -d "$peers" ] && [ -z "${ZTUNNEL_BIN:-}" ]; then
-  step "real peers: stock ztunnel and kube-apiserver (cached after the first build)"
-  export "$("$peers/ztunnel.sh" | tail -1)"
-  "$peers/kube.sh" build >&2
+if [ -n "${peers_build:-}" ]; then
+  step "real peers: waiting for their build (log target/peers-build.log)"
+  if ! wait "$peers_build"; then
+    peers_build=; tail -40 target/peers-build.log; echo "building the real peers failed"; exit 1
+  fi
+  peers_build=
+  export "$(tail -1 target/peers.env)"
   kube_env=$("$peers/kube.sh" start | tail -2)
   # shellcheck disable=SC2086
   export $kube_env
@@ -51,8 +68,7 @@ if [ -d "$peers" ] && [ -z "${ZTUNNEL_BIN:-}" ]; then
 fi
 export ZTUNNEL_STANDIN_BIN="$PWD/target/release/ztunnel-standin"
 
-step "format and lints"
-cargo fmt --all -- --check
+step "lints"
 cargo clippy --release --workspace --all-targets -- -D warnings
 
 step "tests"
@@ -67,6 +83,7 @@ if [ "$fuzz_secs" != 0 ]; then
     fuzz_build=
     tail -40 target/fuzz-build.log; echo "fuzz build failed"; exit 1
   fi
+  fuzz_build=
   ./scripts/fuzz.sh "$fuzz_secs"
 fi
 [ "$status" -eq 0 ] || { echo "tests failed"; exit "$status"; }
