@@ -15,6 +15,9 @@ pub mod privileges;
 pub mod run;
 pub mod uds;
 
+#[cfg(test)]
+mod test_support;
+
 use cli::{Cli, Command};
 
 /// Runs one parsed command line.

@@ -247,16 +247,8 @@ mod tests {
     /// [`WRITE_TIMEOUT`] with an error that says so, instead of holding the pod's ADD.
     #[tokio::test]
     async fn a_stalled_api_server_bounds_each_write() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let hold = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((conn, _)) = listener.accept().await {
-                held.push(conn);
-            }
-        });
-        let cfg = kube::Config::new(format!("http://{addr}").parse().unwrap());
-        let w = KubeStatus::new(Client::try_from(cfg).unwrap());
+        let (client, hold) = crate::test_support::stalled_api_server_client();
+        let w = KubeStatus::new(client);
         let start = Instant::now();
         let err = w.set(&id("u1"), Some("enabled")).await.unwrap_err();
         assert!(err.contains("no answer from the API server"), "{err}");

@@ -441,16 +441,8 @@ mod tests {
     /// [`GET_TIMEOUT`] with an error that says so (the plugin then fails closed).
     #[tokio::test]
     async fn a_stalled_api_server_bounds_the_pod_lookup() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let hold = tokio::spawn(async move {
-            let mut held = Vec::new();
-            while let Ok((conn, _)) = listener.accept().await {
-                held.push(conn);
-            }
-        });
-        let cfg = kube::Config::new(format!("http://{addr}").parse().unwrap());
-        let source = KubeSource::new(Client::try_from(cfg).unwrap(), "n1");
+        let (client, hold) = crate::test_support::stalled_api_server_client();
+        let source = KubeSource::new(client, "n1");
         let start = std::time::Instant::now();
         let err = match source.get("ns", "web").await {
             Err(e) => e,
