@@ -9,12 +9,7 @@ use std::time::{Duration, Instant};
 use ambient_cni_tests::*;
 use serde_json::json;
 
-use ambient_cni_tests::bench::{add, plugin_conf};
-
-fn pct(v: &mut [Duration], p: usize) -> f64 {
-    v.sort();
-    v[(v.len() * p / 100).min(v.len() - 1)].as_secs_f64() * 1000.0
-}
+use ambient_cni_tests::bench::{add, pct, plugin_conf, pods_from_env};
 
 fn rss_mib(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -110,10 +105,7 @@ fn main() {
     if !require_root("agent_enroll bench") {
         return;
     }
-    let n: usize = std::env::var("AGENT_BENCH_PODS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(200);
+    let n = pods_from_env("AGENT_BENCH_PODS", 200);
     println!("agent end to end: plugin exec → agent → rules → ZDS AddWorkload + stand-in ack\n");
     println!("| measure | backend | figure | target |");
     println!("|---|---|---|---|");
@@ -132,8 +124,8 @@ fn main() {
             assert_eq!(out.code, 0, "{}", out.stdout);
             times.push(out.elapsed);
         }
-        let p50 = pct(&mut times, 50);
-        let p99 = pct(&mut times, 99);
+        let p50 = pct(&times, 50);
+        let p99 = pct(&times, 99);
         let target = if backend == "nftables" {
             "p50 ≤ 5 ms"
         } else {

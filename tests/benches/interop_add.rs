@@ -12,13 +12,7 @@ use ambient_cni_tests::peers::{xds_yaml, XdsWorkload, Ztunnel};
 use ambient_cni_tests::*;
 use serde_json::json;
 
-use ambient_cni_tests::bench::{add, plugin_conf};
-
-fn pct(v: &[Duration], p: usize) -> f64 {
-    let mut v = v.to_vec();
-    v.sort();
-    v[(v.len() * p / 100).min(v.len() - 1)].as_secs_f64() * 1000.0
-}
+use ambient_cni_tests::bench::{add, pct, plugin_conf, pods_from_env};
 
 /// The ZDS peer acking the adds (held until the measure ends).
 enum Peer {
@@ -98,10 +92,7 @@ fn main() {
     if !require_root("interop_add bench") {
         return;
     }
-    let n: usize = std::env::var("INTEROP_BENCH_PODS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(100);
+    let n = pods_from_env("INTEROP_BENCH_PODS", 100);
     let zt = std::env::var_os("ZTUNNEL_BIN")
         .filter(|v| !v.is_empty())
         .map(std::path::PathBuf::from);

@@ -7,6 +7,21 @@ use serde_json::json;
 
 use crate::{exec_plugin, plugin_bin, plugin_entry, Exec, NamedNetns};
 
+/// The `p`th percentile of `v`, in milliseconds.
+pub fn pct(v: &[Duration], p: usize) -> f64 {
+    let mut v = v.to_vec();
+    v.sort();
+    v[(v.len() * p / 100).min(v.len() - 1)].as_secs_f64() * 1000.0
+}
+
+/// The pod count a bench runs with: `var` when it parses, else `default`.
+pub fn pods_from_env(var: &str, default: usize) -> usize {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// The plugin's conf for a bench ADD: quiet, 1.0.0, with a minimal prevResult.
 pub fn plugin_conf(sock: &Path) -> String {
     let mut e = plugin_entry(sock, 5000);

@@ -357,15 +357,7 @@ pub fn primary_conflist(bridge: &str, subnet: &str, ipam_dir: &Path) -> Value {
     json!({
         "cniVersion": "1.0.0",
         "name": "churn-net",
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": bridge,
-                "isGateway": true,
-                "ipMasq": false,
-                "ipam": {"type": "host-local", "subnet": subnet, "dataDir": ipam_dir},
-            },
-        ],
+        "plugins": [crate::cni::bridge_plugin(bridge, subnet, ipam_dir)],
     })
 }
 

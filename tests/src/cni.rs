@@ -69,13 +69,7 @@ impl Chain {
             "cniVersion": version,
             "name": "acni-test",
             "plugins": [
-                {
-                    "type": "bridge",
-                    "bridge": bridge,
-                    "isGateway": true,
-                    "ipMasq": false,
-                    "ipam": {"type": "host-local", "subnet": subnet, "dataDir": ipam_dir},
-                },
+                bridge_plugin(bridge, subnet, ipam_dir),
                 entry,
             ],
         });
@@ -208,4 +202,16 @@ impl Chain {
         }
         Ok(())
     }
+}
+
+/// Debian's `bridge` plugin on `bridge` (gateway, no masquerade) with `host-local` IPAM on
+/// `subnet`, its state in `ipam_dir`: the primary CNI of every test chain.
+pub fn bridge_plugin(bridge: &str, subnet: &str, ipam_dir: &Path) -> Value {
+    json!({
+        "type": "bridge",
+        "bridge": bridge,
+        "isGateway": true,
+        "ipMasq": false,
+        "ipam": {"type": "host-local", "subnet": subnet, "dataDir": ipam_dir},
+    })
 }

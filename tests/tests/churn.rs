@@ -64,6 +64,16 @@ struct World {
 }
 
 impl World {
+    /// What the current stand-in holds (uid → netns inode); empty while none runs.
+    fn standin_held(&self) -> HashMap<String, u64> {
+        self.standin
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|s| standin_held(&s.events()))
+            .unwrap_or_default()
+    }
+
     fn violation(&self, v: String) {
         let v = format!("[{}] {v}", self.phase.lock().unwrap());
         eprintln!("VIOLATION: {v}");
@@ -554,13 +564,7 @@ fn check(
     // Settle: every live pod enabled in the agent and held by the stand-in.
     let settled = wait_for(Duration::from_secs(30), || {
         let st = agent_status(&dirs.run_dir()).unwrap_or_default();
-        let held = w
-            .standin
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|s| standin_held(&s.events()))
-            .unwrap_or_default();
+        let held = w.standin_held();
         live.iter().all(|p| {
             st.get(&p.uid).is_some_and(|s| s.0 == "enabled") && held.get(&p.uid) == Some(&p.inode)
         }) && gone
@@ -575,13 +579,7 @@ fn check(
         w.violation(format!("status: {e}"));
         HashMap::new()
     });
-    let held = w
-        .standin
-        .lock()
-        .unwrap()
-        .as_ref()
-        .map(|s| standin_held(&s.events()))
-        .unwrap_or_default();
+    let held = w.standin_held();
     let agent_pid = w.agent_pid().expect("agent running");
     let standin_pid = w.standin.lock().unwrap().as_ref().map(ChurnStandin::pid);
     let census = FdCensus::of(agent_pid).unwrap();
