@@ -1,6 +1,6 @@
 //! Whether a pod belongs in the mesh, and with which in-pod options: pure
 //! functions of the pod, its namespace's labels and the agent's settings
-//! (Istio-compatible, istio-reference §2.3).
+//! (Istio-compatible, as Istio's `cni/pkg/nodeagent` reads `AMBIENT_ENABLEMENT_SELECTOR`).
 
 use std::collections::BTreeMap;
 

@@ -1,5 +1,5 @@
 //! The ZDS server against stock ztunnel (`ZTUNNEL_BIN`, built by
-//! `/work/shared/peers/ztunnel.sh`, see that README). Skips when the variable
+//! `shared/peers/ztunnel.sh` beside the checkout, see that README). Skips when the variable
 //! is unset or not root; fails instead when `CI` is set.
 
 mod zds_support;
@@ -22,7 +22,7 @@ fn prerequisites() -> Option<PathBuf> {
     } else if let Some(b) = std::env::var_os("ZTUNNEL_BIN") {
         return Some(PathBuf::from(b));
     } else {
-        "ZTUNNEL_BIN is unset (see /work/shared/peers/README.md: ztunnel.sh prints it)".to_owned()
+        "ZTUNNEL_BIN is unset (see shared/peers/README.md beside the checkout: ztunnel.sh prints it)".to_owned()
     };
     assert!(std::env::var_os("CI").is_none(), "{why}");
     eprintln!("skipped: {why}");

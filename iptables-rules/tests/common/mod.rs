@@ -6,10 +6,9 @@ use std::path::{Path, PathBuf};
 
 use iptables_rules::{HostProbeConfig, InpodConfig};
 
-/// Directory of Istio's golden files.
-pub fn goldens() -> PathBuf {
-    PathBuf::from("/work/shared/testdata/istio-goldens")
-}
+#[path = "../goldens_dir/mod.rs"]
+mod goldens_dir;
+pub use goldens_dir::{goldens, have_goldens};
 
 /// The v6 SNAT address Istio's in-pod goldens use.
 pub fn test_snat_v6() -> Ipv6Addr {

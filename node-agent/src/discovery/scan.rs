@@ -1,5 +1,5 @@
 //! Finding enrolled pods' netns by scanning `/proc` (restart reconciliation,
-//! istio-reference §2.7): cgroup → pod UID, then proof of ownership by the pod's IP.
+//! Istio's `cni/pkg/nodeagent/podcgroupns.go`): cgroup → pod UID, then proof of ownership by the pod's IP.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Read;

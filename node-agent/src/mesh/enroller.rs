@@ -1,4 +1,4 @@
-//! Moving one pod into or out of the mesh, in Istio's order (istio-reference §2.5):
+//! Moving one pod into or out of the mesh, in Istio's order (Istio's `cni/pkg/nodeagent/net.go`):
 //! netns → in-pod rules → ZDS add + ack → probe set → status. Steps for one pod
 //! are serialised; different pods proceed concurrently.
 

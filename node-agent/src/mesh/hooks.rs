@@ -6,7 +6,7 @@ use std::net::IpAddr;
 
 use crate::pods::PodId;
 
-/// The host-netns set of pod IPs whose kubelet probes are SNATed (istio-reference §2.6).
+/// The host-netns set of pod IPs whose kubelet probes are SNATed (Istio's `cni/pkg/iptables` host rules).
 pub trait ProbeSet: Send + Sync {
     /// Adds or replaces the entries of pod `uid`.
     fn upsert(&self, uid: &str, ips: &[IpAddr]) -> Result<(), String>;

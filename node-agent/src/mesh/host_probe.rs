@@ -1,4 +1,4 @@
-//! The host probe SNAT (istio-reference §2.6) over native nf_tables: kubelet's
+//! The host probe SNAT (Istio's `cni/pkg/iptables` host rules) over native nf_tables: kubelet's
 //! probes to enrolled pods leave the host from the probe SNAT address, which the
 //! in-pod rules accept unredirected.
 

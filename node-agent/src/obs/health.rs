@@ -1,6 +1,6 @@
 //! The health port (`:8000`): `/healthz` answers 200 while the process serves at
 //! all; `/readyz` answers 200 only when every readiness condition holds, else 503
-//! with the failing conditions listed (istio-reference §2.2).
+//! with the failing conditions listed.
 
 use std::collections::BTreeMap;
 use std::future::Future;

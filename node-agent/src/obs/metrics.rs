@@ -1,6 +1,6 @@
 //! The agent's Prometheus metrics (`:15014/metrics`, OpenMetrics text).
 //!
-//! Names Istio's dashboards already use are kept (istio-reference §2.10); ours
+//! Names Istio's dashboards already use are kept; ours
 //! are `ambient_cni_*`. Label values are `&'static str` from a fixed vocabulary,
 //! so no pod-supplied string can grow the series count.
 

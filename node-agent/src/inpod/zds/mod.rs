@@ -1,6 +1,6 @@
 //! ZDS: the server ztunnel connects to (SOCK_SEQPACKET, protobuf, netns fd via SCM_RIGHTS).
 //!
-//! Wire-compatible with stock ztunnel (istio-reference §3): one message per
+//! Wire-compatible with stock ztunnel (ztunnel's `proto/zds.proto` and `src/inpod/`): one message per
 //! packet, at most 1024 bytes, the netns fd only on `AddWorkload`, strict
 //! request/ack lock-step per connection.
 
