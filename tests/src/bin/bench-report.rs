@@ -168,7 +168,7 @@ fn footprint(plugin: &Path) -> Result<String> {
     }
     let env = [("CNI_COMMAND", "VERSION")];
     let our_rss = min_rss(plugin, &[], &env, 20)?;
-    let _ = writeln!(s, "plugin: `{}`\n", plugin.display());
+    let _ = writeln!(s, "plugin: `{}`\n", ambient_cni_tests::bench::shown(plugin));
     let _ = writeln!(
         s,
         "Baselines are Debian's reference CNI plugins in `/usr/lib/cni`, measured in the same run.\n"
