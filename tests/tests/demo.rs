@@ -298,5 +298,8 @@ fn the_agent_offers_only_operator_commands() {
         .arg("demo")
         .output()
         .expect("agent demo");
-    assert!(!demo.status.success(), "`ambient-cni-agent demo` still runs");
+    assert!(
+        !demo.status.success(),
+        "`ambient-cni-agent demo` still runs"
+    );
 }

@@ -225,7 +225,10 @@ fn agent_size(root: &Path, agent: &Path) -> String {
                 mib / AGENT_MIB_WITH_DEMO
             )
         }
-        Err(e) => format!("ambient-cni-agent `{}`: not measured: {e}\n", shown.display()),
+        Err(e) => format!(
+            "ambient-cni-agent `{}`: not measured: {e}\n",
+            shown.display()
+        ),
     }
 }
 

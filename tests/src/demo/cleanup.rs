@@ -160,7 +160,10 @@ impl Env {
     pub fn keep(&mut self) {
         self.done = true;
         println!("\nLeft running (--keep). To remove it all:");
-        for c in [self.standin.take(), self.agent.take()].into_iter().flatten() {
+        for c in [self.standin.take(), self.agent.take()]
+            .into_iter()
+            .flatten()
+        {
             // Dropping a Child neither kills nor reaps it: it keeps running.
             println!("  kill {}", c.id());
         }

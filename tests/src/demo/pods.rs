@@ -306,7 +306,10 @@ mod tests {
         let p = Pod::new(42, 1);
         assert_eq!(p.netns_name, "ambient-demo-42-web-1");
         assert_eq!(p.att.netns, "/var/run/netns/ambient-demo-42-web-1");
-        assert!(p.att.args.contains("K8S_POD_NAMESPACE=demo;K8S_POD_NAME=web-1"));
+        assert!(p
+            .att
+            .args
+            .contains("K8S_POD_NAMESPACE=demo;K8S_POD_NAME=web-1"));
         assert!(p.att.args.contains("K8S_POD_UID=demo-42-1"));
     }
 }

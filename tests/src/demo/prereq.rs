@@ -60,7 +60,8 @@ pub fn check(args: &DemoArgs) -> Result<Prereqs> {
         .ok()
         .and_then(|p| p.parent().map(Path::to_owned))
         .unwrap_or_default();
-    let pick = |given: &Option<PathBuf>, name: &str| given.clone().unwrap_or_else(|| here.join(name));
+    let pick =
+        |given: &Option<PathBuf>, name: &str| given.clone().unwrap_or_else(|| here.join(name));
     let agent = pick(&args.agent, "ambient-cni-agent");
     let plugin = pick(&args.plugin, "ambient-cni");
     let standin = pick(&args.standin, "ztunnel-standin");
@@ -117,7 +118,12 @@ pub fn check(args: &DemoArgs) -> Result<Prereqs> {
         }
     }
     for (what, path, build, flag) in [
-        ("ambient-cni-agent", &agent, "-p ambient-cni-agent", "--agent"),
+        (
+            "ambient-cni-agent",
+            &agent,
+            "-p ambient-cni-agent",
+            "--agent",
+        ),
         ("ambient-cni plugin", &plugin, "-p ambient-cni", "--plugin"),
         (
             "ztunnel stand-in",
@@ -149,8 +155,8 @@ pub fn check(args: &DemoArgs) -> Result<Prereqs> {
         bail!("subnet {}: too small for {} pods", args.subnet, args.pods);
     }
     let clashes = if on_path("ip").is_some() {
-        let routes = try_ip(&["-4", "-j", "route", "show", "table", "all"])
-            .map_err(anyhow::Error::msg)?;
+        let routes =
+            try_ip(&["-4", "-j", "route", "show", "table", "all"]).map_err(anyhow::Error::msg)?;
         overlapping_routes(&routes, subnet)?
     } else {
         Vec::new()
