@@ -53,8 +53,6 @@ pub enum Command {
         #[arg(long, env = "RUN_DIR", default_value = "/var/run/ambient-cni")]
         run_dir: PathBuf,
     },
-    /// Run the local demo (real netns pods, the real CNI chain, the agent, a ztunnel stand-in).
-    Demo(crate::cmd::demo::DemoArgs),
 }
 
 /// Logging flags shared by the daemon and the tools.

@@ -49,6 +49,5 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::LogLevel { level, run_dir } => admin::set_log_level(&run_dir, &level),
-        Command::Demo(args) => cmd::demo::run(args),
     }
 }

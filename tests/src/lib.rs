@@ -1,5 +1,6 @@
-//! Helpers for the cross-crate integration tests: locating the built binaries,
-//! named netns "pods" that clean themselves up, running CNI plugins exactly as a
+//! Helpers for the cross-crate integration tests and the development tools (the
+//! demo, the ztunnel stand-in, bench-report): locating the built binaries, named
+//! netns "pods" that clean themselves up, running CNI plugins exactly as a
 //! runtime does (libcni's conflist semantics), and agent processes.
 
 use std::io::{Read, Write};
@@ -13,6 +14,9 @@ use serde_json::{json, Value};
 pub mod bench;
 pub mod churn;
 pub mod cni;
+pub mod demo;
+pub mod expo;
+pub mod http;
 pub mod kubelet;
 pub mod peers;
 
@@ -79,15 +83,34 @@ pub fn standin_bin() -> PathBuf {
     binary("ZTUNNEL_STANDIN_BIN", "ztunnel-standin")
 }
 
+/// The demo (`AMBIENT_CNI_DEMO`, else the workspace build).
+pub fn demo_bin() -> PathBuf {
+    binary("AMBIENT_CNI_DEMO", "ambient-cni-demo")
+}
+
 /// Runs `ip` with arguments (never a shell); panics with its stderr on failure.
 pub fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("exec ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if let Err(e) = try_ip(args) {
+        panic!("{e}");
+    }
+}
+
+/// Runs `ip` with arguments (never a shell); its stdout, or an error naming the
+/// command with its stderr.
+pub fn try_ip(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop.
@@ -99,10 +122,31 @@ pub struct NamedNetns {
 impl NamedNetns {
     /// Creates `acni<unique>` with loopback up.
     pub fn new() -> Self {
-        let name = unique("acni");
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        Self { name }
+        Self::create(&unique("acni")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Creates the netns `name` with loopback up; the error names the netns.
+    pub fn create(name: &str) -> Result<Self, String> {
+        try_ip(&["netns", "add", name]).map_err(|e| format!("netns {name}: {e}"))?;
+        // From here on, drop deletes it (also when bringing lo up fails).
+        let ns = Self {
+            name: name.to_owned(),
+        };
+        try_ip(&["-n", name, "link", "set", "lo", "up"])
+            .map_err(|e| format!("netns {name}: {e}"))?;
+        Ok(ns)
+    }
+
+    /// Deletes it now, reporting failure (drop deletes silently).
+    pub fn delete(self) -> Result<(), String> {
+        // Deleted here (or failed and reported): drop must not try again.
+        try_ip(&["netns", "delete", &self.keep()]).map(|_| ())
+    }
+
+    /// Gives up ownership: the netns stays after drop; returns its name.
+    pub fn keep(self) -> String {
+        let mut this = std::mem::ManuallyDrop::new(self);
+        std::mem::take(&mut this.name)
     }
 
     /// The netns name.
@@ -508,11 +552,7 @@ impl Standin {
 
     /// All events so far.
     pub fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.out)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        standin_events(&self.out)
     }
 
     /// Events of a kind.
@@ -544,6 +584,15 @@ impl Drop for Standin {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The JSON-line events a stand-in wrote to `file` so far (a partial last line is skipped).
+pub fn standin_events(file: &Path) -> Vec<Value> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// The plugin's conflist entry for tests.

@@ -1,6 +1,7 @@
 //! The agent's health and metrics ports, scraped over HTTP from a real agent while
 //! real pods go through the real CNI chain, and checked with a strict exposition
-//! parser written here (independent of the agent's own).
+//! parser written here (independent of `ambient_cni_tests::expo`, which the agent's
+//! unit tests use).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};

@@ -477,7 +477,8 @@ pub async fn serve_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::obs::expo;
+    // The strict exposition reader is a development tool (the agent only writes the format).
+    use ambient_cni_tests::expo;
 
     fn scrape(m: &Metrics) -> expo::Exposition {
         let text = m.render();

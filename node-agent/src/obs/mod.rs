@@ -1,8 +1,6 @@
 //! Operability: the health port (`/healthz`, `/readyz`), the Prometheus metrics
-//! port (`/metrics`), the small HTTP server behind both, and a strict reader of
-//! the exposition format.
+//! port (`/metrics`) and the small HTTP server behind both.
 
-pub mod expo;
 pub mod health;
 pub mod http;
 pub mod metrics;
