@@ -3,6 +3,7 @@
 //! the exposition format.
 
 pub mod expo;
+pub mod fallbacks;
 pub mod health;
 pub mod http;
 pub mod metrics;
