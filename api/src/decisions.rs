@@ -80,8 +80,7 @@ pub fn fallbacks_beside(socket: &Path) -> PathBuf {
 pub fn listable(s: &str, max: usize) -> bool {
     !s.is_empty()
         && s.len() <= max
-        && s
-            .bytes()
+        && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
@@ -156,13 +155,36 @@ mod tests {
             ("truncated", good.as_bytes()[..good.len() / 2].to_vec()),
             ("not JSON", b"\x00\xffgarbage".to_vec()),
             ("array", b"[1,2]".to_vec()),
-            ("no version", good.replace("\"version\":1,", "").into_bytes()),
-            ("newer version", good.replace("\"version\":1", "\"version\":2").into_bytes()),
-            ("version as string", good.replace("\"version\":1", "\"version\":\"1\"").into_bytes()),
-            ("no written_at", good.replace("\"written_at\":1700000000,", "").into_bytes()),
-            ("negative time", good.replace("1700000000", "-1").into_bytes()),
-            ("pods not a list", good.replace("\"pods\":[", "\"pods\":{\"x\":[").into_bytes()),
-            ("unknown key", good.replace("{\"version\"", "{\"all_plain\":true,\"version\"").into_bytes()),
+            (
+                "no version",
+                good.replace("\"version\":1,", "").into_bytes(),
+            ),
+            (
+                "newer version",
+                good.replace("\"version\":1", "\"version\":2").into_bytes(),
+            ),
+            (
+                "version as string",
+                good.replace("\"version\":1", "\"version\":\"1\"")
+                    .into_bytes(),
+            ),
+            (
+                "no written_at",
+                good.replace("\"written_at\":1700000000,", "").into_bytes(),
+            ),
+            (
+                "negative time",
+                good.replace("1700000000", "-1").into_bytes(),
+            ),
+            (
+                "pods not a list",
+                good.replace("\"pods\":[", "\"pods\":{\"x\":[").into_bytes(),
+            ),
+            (
+                "unknown key",
+                good.replace("{\"version\"", "{\"all_plain\":true,\"version\"")
+                    .into_bytes(),
+            ),
             ("oversized", vec![b' '; MAX_BYTES + 1]),
         ];
         for (what, bytes) in cases {

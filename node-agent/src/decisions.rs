@@ -26,8 +26,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use ambient_cni_api::decisions::{
-    self as format, listable, Decisions, PodKey, MAX_NAME, MAX_NAMESPACE, MAX_NAMESPACES,
-    MAX_PODS, MAX_UID, VERSION,
+    self as format, listable, Decisions, PodKey, MAX_NAME, MAX_NAMESPACE, MAX_NAMESPACES, MAX_PODS,
+    MAX_UID, VERSION,
 };
 use k8s_openapi::api::core::v1::Pod;
 use tracing::{debug, warn};
@@ -56,7 +56,8 @@ pub fn compute<'a>(
         .map(|n| (n, None))
         .chain(namespaces.iter().map(|(n, l)| (n, Some(l))))
         .filter(|(n, l)| {
-            listable(n, MAX_NAMESPACE) && policy.namespace_excludes_all(n, l.unwrap_or(&BTreeMap::new()))
+            listable(n, MAX_NAMESPACE)
+                && policy.namespace_excludes_all(n, l.unwrap_or(&BTreeMap::new()))
         })
         .map(|(n, _)| n.clone())
         .collect();
@@ -152,7 +153,9 @@ async fn keep_written(ctl: Arc<Controller>, path: PathBuf, refresh: Duration) {
             let (p, n) = (path.clone(), d.pods.len());
             match tokio::task::spawn_blocking(move || write_atomic(&p, &d)).await {
                 Ok(Ok(())) => debug!(path = %path.display(), pods = n, "decisions file written"),
-                Ok(Err(e)) => warn!(path = %path.display(), error = %e, "cannot write the decisions file"),
+                Ok(Err(e)) => {
+                    warn!(path = %path.display(), error = %e, "cannot write the decisions file")
+                }
                 Err(e) => warn!(path = %path.display(), error = %e, "decisions file writer failed"),
             }
         }

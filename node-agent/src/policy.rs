@@ -200,9 +200,10 @@ impl Policy {
             return true;
         }
         let everything = LabelSelector::default();
-        !self.selectors.iter().any(|s| {
-            selector_matches(s.namespace_selector.as_ref().unwrap_or(&everything), labels)
-        })
+        !self
+            .selectors
+            .iter()
+            .any(|s| selector_matches(s.namespace_selector.as_ref().unwrap_or(&everything), labels))
     }
 
     /// Whether a namespace label change can change any pod's verdict (some non-empty

@@ -279,11 +279,7 @@ fn fallback<A: Agent>(
     let verdict = crate::fallback::decide(file, now, conf.decisions_max_age_s, pod);
     let passed = matches!(verdict, Fallback::PassThrough(_));
     if let Err(e) = agent.record_fallback(passed) {
-        log.log(
-            LogLevel::Debug,
-            "fallback not counted",
-            &[("error", &e)],
-        );
+        log.log(LogLevel::Debug, "fallback not counted", &[("error", &e)]);
     }
     match verdict {
         Fallback::PassThrough(why) => {
@@ -504,7 +500,9 @@ mod tests {
             read: Cell::new(false),
             counted: RefCell::new(vec![]),
         };
-        let out = run(&env("ADD"), format!("{CONF}{extra}}}").as_bytes(), |_| &agent);
+        let out = run(&env("ADD"), format!("{CONF}{extra}}}").as_bytes(), |_| {
+            &agent
+        });
         let counted = agent.counted.borrow().clone();
         (out, agent.read.get(), counted)
     }
@@ -516,7 +514,10 @@ mod tests {
                 .as_u64()
                 .unwrap_or(0)
         };
-        for e in [AgentError::Unavailable("refused".into()), AgentError::Timeout(5)] {
+        for e in [
+            AgentError::Unavailable("refused".into()),
+            AgentError::Timeout(5),
+        ] {
             let (out, read, counted) = run_down(e.clone(), "");
             assert_eq!(out.exit_code, 0, "{e:?}: {}", out.stdout);
             assert!(read && counted == vec![true], "{e:?}");

@@ -215,7 +215,9 @@ mod tests {
         use std::os::unix::ffi::OsStringExt;
         let env = CniEnv::from_vars(|k| match k {
             "CNI_COMMAND" => Some("ADD".into()),
-            "CNI_ARGS" => Some(OsString::from_vec(b"K8S_POD_NAMESPACE=shop;K8S_POD_NAME=w\xff".to_vec())),
+            "CNI_ARGS" => Some(OsString::from_vec(
+                b"K8S_POD_NAMESPACE=shop;K8S_POD_NAME=w\xff".to_vec(),
+            )),
             "CNI_IFNAME" => Some(OsString::new()),
             _ => None,
         });

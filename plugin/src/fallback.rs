@@ -105,22 +105,105 @@ mod tests {
         let fresh = file(NOW - 30);
         let known = pod("plain", "web", Some("u1"));
         let pass = |r| Fallback::PassThrough(r);
-        let cases: Vec<(&str, Result<Vec<u8>, String>, u64, PodArgs, Option<Fallback>)> = vec![
-            ("known pod", Ok(fresh.clone()), 600, known.clone(), Some(pass("pod known not to be in the mesh"))),
-            ("closed namespace", Ok(fresh.clone()), 600, pod("infra", "x", None), Some(pass("namespace cannot be in the mesh"))),
-            ("namesake (other uid)", Ok(fresh.clone()), 600, pod("plain", "web", Some("u2")), None),
-            ("no uid", Ok(fresh.clone()), 600, pod("plain", "web", None), None),
-            ("unknown pod", Ok(fresh.clone()), 600, pod("plain", "new", Some("u3")), None),
-            ("other namespace", Ok(fresh.clone()), 600, pod("mesh", "web", Some("u1")), None),
+        /// (what, the file or why it is missing, decisions_max_age_s, pod, expected; None = fail closed)
+        type Case = (
+            &'static str,
+            Result<Vec<u8>, String>,
+            u64,
+            PodArgs,
+            Option<Fallback>,
+        );
+        let cases: Vec<Case> = vec![
+            (
+                "known pod",
+                Ok(fresh.clone()),
+                600,
+                known.clone(),
+                Some(pass("pod known not to be in the mesh")),
+            ),
+            (
+                "closed namespace",
+                Ok(fresh.clone()),
+                600,
+                pod("infra", "x", None),
+                Some(pass("namespace cannot be in the mesh")),
+            ),
+            (
+                "namesake (other uid)",
+                Ok(fresh.clone()),
+                600,
+                pod("plain", "web", Some("u2")),
+                None,
+            ),
+            (
+                "no uid",
+                Ok(fresh.clone()),
+                600,
+                pod("plain", "web", None),
+                None,
+            ),
+            (
+                "unknown pod",
+                Ok(fresh.clone()),
+                600,
+                pod("plain", "new", Some("u3")),
+                None,
+            ),
+            (
+                "other namespace",
+                Ok(fresh.clone()),
+                600,
+                pod("mesh", "web", Some("u1")),
+                None,
+            ),
             ("disabled", Ok(fresh.clone()), 0, known.clone(), None),
-            ("absent", Err("No such file".into()), 600, known.clone(), None),
+            (
+                "absent",
+                Err("No such file".into()),
+                600,
+                known.clone(),
+                None,
+            ),
             ("stale", Ok(file(NOW - 601)), 600, known.clone(), None),
-            ("just fresh", Ok(file(NOW - 600)), 600, known.clone(), Some(pass("pod known not to be in the mesh"))),
+            (
+                "just fresh",
+                Ok(file(NOW - 600)),
+                600,
+                known.clone(),
+                Some(pass("pod known not to be in the mesh")),
+            ),
             ("future", Ok(file(NOW + 3600)), 600, known.clone(), None),
-            ("corrupt", Ok(b"{\"version\":1,".to_vec()), 600, known.clone(), None),
-            ("truncated", Ok(fresh[..fresh.len() - 3].to_vec()), 600, known.clone(), None),
-            ("wrong version", Ok(String::from_utf8(fresh.clone()).unwrap().replace("\"version\":1", "\"version\":9").into_bytes()), 600, known.clone(), None),
-            ("oversized", Ok(vec![b' '; ambient_cni_api::decisions::MAX_BYTES + 1]), 600, known.clone(), None),
+            (
+                "corrupt",
+                Ok(b"{\"version\":1,".to_vec()),
+                600,
+                known.clone(),
+                None,
+            ),
+            (
+                "truncated",
+                Ok(fresh[..fresh.len() - 3].to_vec()),
+                600,
+                known.clone(),
+                None,
+            ),
+            (
+                "wrong version",
+                Ok(String::from_utf8(fresh.clone())
+                    .unwrap()
+                    .replace("\"version\":1", "\"version\":9")
+                    .into_bytes()),
+                600,
+                known.clone(),
+                None,
+            ),
+            (
+                "oversized",
+                Ok(vec![b' '; ambient_cni_api::decisions::MAX_BYTES + 1]),
+                600,
+                known.clone(),
+                None,
+            ),
         ];
         for (what, bytes, max_age, p, want) in cases {
             let got = decide(bytes, NOW, max_age, &p);

@@ -114,10 +114,14 @@ fn agent_down_fails_closed_but_pass_through_works() {
         // A pod named like the agent's is no exemption (the agent runs with hostNetwork and
         // never reaches CNI; a name-based exemption would be a capture bypass).
         let att = Attachment {
-            args: "IgnoreUnknown=1;K8S_POD_NAMESPACE=istio-system;K8S_POD_NAME=ambient-cni-node-x7k2p".into(),
+            args:
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=istio-system;K8S_POD_NAME=ambient-cni-node-x7k2p"
+                    .into(),
             ..Attachment::pod(&ns.path(), "x", "y", "u3")
         };
-        let (idx, exec) = chain.add(&att).expect_err("agent-named pod must fail closed");
+        let (idx, exec) = chain
+            .add(&att)
+            .expect_err("agent-named pod must fail closed");
         assert_eq!(idx, 1);
         exec.assert_error(11);
         chain.del(&att, None).expect("DEL");
@@ -417,7 +421,11 @@ fn run_with_raw_args(cmd: &str, args: &[u8], stdin: &[u8]) -> (i32, String) {
     use std::os::unix::ffi::OsStrExt;
     let mut child = std::process::Command::new(plugin_bin())
         .env_clear()
-        .envs(add_env(NS, MESH_POD).into_iter().filter(|(k, _)| *k != "CNI_ARGS"))
+        .envs(
+            add_env(NS, MESH_POD)
+                .into_iter()
+                .filter(|(k, _)| *k != "CNI_ARGS"),
+        )
         .env("CNI_COMMAND", cmd)
         .env("CNI_ARGS", std::ffi::OsStr::from_bytes(args))
         .stdin(std::process::Stdio::piped())
@@ -444,7 +452,10 @@ fn cni_args_that_are_not_utf8_are_code_4_but_del_succeeds() {
         assert_eq!(code, 1, "{cmd}: {stdout}");
         let v: Value = serde_json::from_str(&stdout).expect("error JSON");
         assert_eq!(v["code"], 4, "{cmd}: {v}");
-        assert!(v["msg"].as_str().unwrap_or_default().contains("CNI_ARGS"), "{v}");
+        assert!(
+            v["msg"].as_str().unwrap_or_default().contains("CNI_ARGS"),
+            "{v}"
+        );
     }
     let (code, stdout) = run_with_raw_args("DEL", raw, stdin.as_bytes());
     assert_eq!((code, stdout.as_str()), (0, ""), "DEL never fails");
@@ -513,7 +524,11 @@ fn sample(port: u16, series: &str) -> Option<f64> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
     s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(s, "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut body = String::new();
     s.read_to_string(&mut body).ok()?;
     body.lines()
@@ -533,7 +548,14 @@ fn agent_down_passes_known_plain_pods_on_its_decisions_file() {
         serde_json::json!({"istio.io/dataplane-mode": "ambient"}),
     );
     write_namespace(&pods, "plain", serde_json::json!({}));
-    write_pod(&pods, "plain", "web", "uid-web", None, serde_json::json!({}));
+    write_pod(
+        &pods,
+        "plain",
+        "web",
+        "uid-web",
+        None,
+        serde_json::json!({}),
+    );
     write_pod(
         &pods,
         "plain",
@@ -588,7 +610,12 @@ fn agent_down_passes_known_plain_pods_on_its_decisions_file() {
     passes(&add("plain", "web", Some("uid-web"), ""));
     for (what, ns, name, uid) in [
         ("mesh pod", "mesh", "app", Some("uid-app")),
-        ("pod labelled ambient", "plain", "labelled", Some("uid-labelled")),
+        (
+            "pod labelled ambient",
+            "plain",
+            "labelled",
+            Some("uid-labelled"),
+        ),
         ("unknown pod", "plain", "new", Some("uid-new")),
         ("namesake of a plain pod", "plain", "web", Some("uid-other")),
         ("no uid", "plain", "web", None),
@@ -596,12 +623,21 @@ fn agent_down_passes_known_plain_pods_on_its_decisions_file() {
         let out = add(ns, name, uid, "");
         let v = out.assert_error(11);
         assert!(
-            v["details"].as_str().unwrap_or_default().contains("failed closed"),
+            v["details"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("failed closed"),
             "{what}: {v}"
         );
     }
     // The fallback can be turned off.
-    add("plain", "web", Some("uid-web"), r#","decisions_max_age_s":0"#).assert_error(11);
+    add(
+        "plain",
+        "web",
+        Some("uid-web"),
+        r#","decisions_max_age_s":0"#,
+    )
+    .assert_error(11);
     // Corrupt, truncated, stale or missing: fail closed.
     let stale = String::from_utf8(good.clone()).expect("utf8").replace(
         &format!("\"written_at\":{}", listed["written_at"]),
@@ -635,11 +671,17 @@ fn agent_down_passes_known_plain_pods_on_its_decisions_file() {
     let addr = format!("127.0.0.1:{port}");
     let _agent = AgentProcess::start(&dir.0, &["--metrics-addr", &addr]);
     assert_eq!(
-        sample(port, r#"ambient_cni_plugin_fallback_total{outcome="pass_through"}"#),
+        sample(
+            port,
+            r#"ambient_cni_plugin_fallback_total{outcome="pass_through"}"#
+        ),
         Some(2.0)
     );
     assert_eq!(
-        sample(port, r#"ambient_cni_plugin_fallback_total{outcome="fail_closed"}"#),
+        sample(
+            port,
+            r#"ambient_cni_plugin_fallback_total{outcome="fail_closed"}"#
+        ),
         Some(10.0)
     );
 }

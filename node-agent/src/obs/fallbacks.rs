@@ -5,7 +5,9 @@
 use std::io::Read;
 use std::path::Path;
 
-use ambient_cni_api::decisions::{FALLBACK_FAIL_CLOSED, FALLBACK_PASS_THROUGH, MAX_FALLBACKS_BYTES};
+use ambient_cni_api::decisions::{
+    FALLBACK_FAIL_CLOSED, FALLBACK_PASS_THROUGH, MAX_FALLBACKS_BYTES,
+};
 use tracing::warn;
 
 /// Counts (passed through, failed closed) in `bytes`; other bytes are ignored.
@@ -57,7 +59,10 @@ mod tests {
         std::fs::write(&path, b"pfp").unwrap();
         assert_eq!(consume(&path), (2, 1));
         assert_eq!(consume(&path), (0, 0), "counted once");
-        assert!(std::fs::read_dir(&dir).unwrap().next().is_none(), "nothing left");
+        assert!(
+            std::fs::read_dir(&dir).unwrap().next().is_none(),
+            "nothing left"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
