@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod cli;
 pub mod cmd;
+pub mod decisions;
 pub mod discovery;
 pub mod inpod;
 pub mod logging;

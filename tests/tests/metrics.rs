@@ -284,7 +284,7 @@ fn scrape(port: u16) -> Scrape {
 }
 
 /// Every family, its type, and its label names (Istio's names kept where dashboards use them).
-const FAMILIES: [(&str, &str, &[&str]); 13] = [
+const FAMILIES: [(&str, &str, &[&str]); 14] = [
     (
         "ambient_cni_plugin_requests",
         "counter",
@@ -306,6 +306,7 @@ const FAMILIES: [(&str, &str, &[&str]); 13] = [
     ("ambient_cni_install_repairs", "counter", &[]),
     ("istio_cni_installs", "counter", &["result"]),
     ("istio_cni_install_ready", "gauge", &[]),
+    ("ambient_cni_plugin_fallback", "counter", &["outcome"]),
 ];
 
 #[test]

@@ -1,6 +1,7 @@
 //! Operability: the health port (`/healthz`, `/readyz`), the Prometheus metrics
 //! port (`/metrics`) and the small HTTP server behind both.
 
+pub mod fallbacks;
 pub mod health;
 pub mod http;
 pub mod metrics;
