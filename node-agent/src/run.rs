@@ -93,6 +93,12 @@ fn host_probes(args: &RunArgs) -> Arc<dyn crate::mesh::hooks::ProbeSet> {
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
     info!(node = %args.node_name, "starting ambient-cni-agent");
     let policy = policy_from(&args)?;
+    // For the upgrade-or-uninstall question at SIGTERM (stop_mode); made now so a bad
+    // configuration fails the start, not the stop.
+    let stop_client = match args.pod_source {
+        PodSourceKind::Kube => Some(crate::pods::kube::client_from_env().await?),
+        PodSourceKind::Local => None,
+    };
     let redirector = Arc::new(redirector_from(args.rules_backend)?);
     info!(backend = %redirector.kind(), "in-pod rules backend");
     let source: Arc<dyn PodSource> = match args.pod_source {
@@ -217,10 +223,6 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         None
     };
 
-    let stop_client = match args.pod_source {
-        PodSourceKind::Kube => Some(crate::pods::kube::client_from_env().await?),
-        PodSourceKind::Local => None,
-    };
     // The plugin server ends only on SIGTERM/SIGINT; a failed controller is no uninstall.
     let signalled = tokio::select! {
         r = plugin => {
