@@ -160,3 +160,47 @@ pub struct RunArgs {
     #[command(flatten)]
     pub log: LogArgs,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut argv = vec!["ambient-cni-agent", "run", "--node-name", "n"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Run(a) => Ok(*a),
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn health_and_metrics_bind_loopback_the_node_ip_or_everything() {
+        let a = run_args(&[]).unwrap();
+        assert_eq!(a.health_addr.to_string(), "0.0.0.0:8000");
+        assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:15014");
+        for addr in [
+            "127.0.0.1:8000",
+            "10.1.2.3:8000",
+            "[::1]:8000",
+            "[fd00::7]:8000",
+        ] {
+            let a = run_args(&["--health-addr", addr, "--metrics-addr", addr]).unwrap();
+            assert_eq!(a.health_addr.to_string(), addr);
+            assert_eq!(a.metrics_addr.to_string(), addr);
+        }
+        // An address, not a name (nothing is resolved), and a port is required.
+        for bad in ["localhost:8000", "127.0.0.1", ":8000"] {
+            let e = run_args(&["--health-addr", bad]).unwrap_err();
+            assert!(e.to_string().contains("--health-addr"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_daemonset_read_at_stop_is_ours_unless_told() {
+        assert_eq!(run_args(&[]).unwrap().daemonset_name, "ambient-cni-node");
+        let a = run_args(&["--daemonset-name", "", "--agent-namespace", "mesh"]).unwrap();
+        assert_eq!(a.daemonset_name, "");
+        assert_eq!(a.install.agent_namespace, "mesh");
+    }
+}
