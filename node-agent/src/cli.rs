@@ -99,6 +99,10 @@ pub struct RunArgs {
     /// Run the installer (copy the plugin, chain it into the CNI config, repair it).
     #[arg(long, env = "INSTALL_CNI", default_value_t = true, action = clap::ArgAction::Set)]
     pub install_cni: bool,
+    /// The agent's own DaemonSet (in `POD_NAMESPACE`), read at SIGTERM: present = upgrade
+    /// (keep the plugin), gone or being deleted = uninstall (remove it). Empty: always keep.
+    #[arg(long, env = "DAEMONSET_NAME", default_value = "ambient-cni-node")]
+    pub daemonset_name: String,
     /// The agent's state directory (netns records survive agent restarts here).
     #[arg(long, env = "RUN_DIR", default_value = "/var/run/ambient-cni")]
     pub run_dir: PathBuf,
@@ -149,13 +153,58 @@ pub struct RunArgs {
     /// The host's /proc (`/host/proc` in a pod).
     #[arg(long, env = "HOST_PROC", default_value = "/proc")]
     pub host_proc: PathBuf,
-    /// Health port (`/healthz`, `/readyz`).
+    /// Health port (`/healthz`, `/readyz`): `IP:PORT`, e.g. `127.0.0.1:8000` so only
+    /// the node itself (the kubelet) can reach it.
     #[arg(long, env = "HEALTH_ADDR", default_value = "0.0.0.0:8000")]
     pub health_addr: std::net::SocketAddr,
-    /// Prometheus metrics port (`/metrics`).
+    /// Prometheus metrics port (`/metrics`): `IP:PORT`.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:15014")]
     pub metrics_addr: std::net::SocketAddr,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut argv = vec!["ambient-cni-agent", "run", "--node-name", "n"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Run(a) => Ok(*a),
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn health_and_metrics_bind_loopback_the_node_ip_or_everything() {
+        let a = run_args(&[]).unwrap();
+        assert_eq!(a.health_addr.to_string(), "0.0.0.0:8000");
+        assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:15014");
+        for addr in [
+            "127.0.0.1:8000",
+            "10.1.2.3:8000",
+            "[::1]:8000",
+            "[fd00::7]:8000",
+        ] {
+            let a = run_args(&["--health-addr", addr, "--metrics-addr", addr]).unwrap();
+            assert_eq!(a.health_addr.to_string(), addr);
+            assert_eq!(a.metrics_addr.to_string(), addr);
+        }
+        // An address, not a name (nothing is resolved), and a port is required.
+        for bad in ["localhost:8000", "127.0.0.1", ":8000"] {
+            let e = run_args(&["--health-addr", bad]).unwrap_err();
+            assert!(e.to_string().contains("--health-addr"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_daemonset_read_at_stop_is_ours_unless_told() {
+        assert_eq!(run_args(&[]).unwrap().daemonset_name, "ambient-cni-node");
+        let a = run_args(&["--daemonset-name", "", "--agent-namespace", "mesh"]).unwrap();
+        assert_eq!(a.daemonset_name, "");
+        assert_eq!(a.install.agent_namespace, "mesh");
+    }
 }
