@@ -103,6 +103,9 @@ pub struct RunArgs {
     /// (keep the plugin), gone or being deleted = uninstall (remove it). Empty: always keep.
     #[arg(long, env = "DAEMONSET_NAME", default_value = "ambient-cni-node")]
     pub daemonset_name: String,
+    /// The agent's own namespace (downward API), where its DaemonSet is.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub pod_namespace: String,
     /// The agent's state directory (netns records survive agent restarts here).
     #[arg(long, env = "RUN_DIR", default_value = "/var/run/ambient-cni")]
     pub run_dir: PathBuf,
@@ -203,8 +206,8 @@ mod tests {
     #[test]
     fn the_daemonset_read_at_stop_is_ours_unless_told() {
         assert_eq!(run_args(&[]).unwrap().daemonset_name, "ambient-cni-node");
-        let a = run_args(&["--daemonset-name", "", "--agent-namespace", "mesh"]).unwrap();
+        let a = run_args(&["--daemonset-name", "", "--pod-namespace", "mesh"]).unwrap();
         assert_eq!(a.daemonset_name, "");
-        assert_eq!(a.install.agent_namespace, "mesh");
+        assert_eq!(a.pod_namespace, "mesh");
     }
 }

@@ -248,7 +248,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     }
     let mode = if signalled {
         let name = Some(args.daemonset_name.as_str()).filter(|n| !n.is_empty());
-        crate::stop_mode::at_stop(stop_client, &args.install.agent_namespace, name).await
+        crate::stop_mode::at_stop(stop_client, &args.pod_namespace, name).await
     } else {
         ambient_cni_install::ShutdownMode::Upgrade
     };
