@@ -140,9 +140,13 @@ fn check_netns(path: &str) -> Result<(), CniError> {
     // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd.
     let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
     if kind != libc::CLONE_NEWNET {
-        return Err(invalid(format!(
-            "not a network namespace (another kind of namespace: {kind:#x})"
-        )));
+        let what = match kind {
+            libc::CLONE_NEWNS => "a mount namespace",
+            libc::CLONE_NEWPID => "a pid namespace",
+            libc::CLONE_NEWUSER => "a user namespace",
+            _ => "another kind of namespace",
+        };
+        return Err(invalid(format!("not a network namespace ({what})")));
     }
     Ok(())
 }
