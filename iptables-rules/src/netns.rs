@@ -312,7 +312,8 @@ mod tests {
         let file = dir.join("file");
         std::fs::write(&file, b"x").unwrap();
         let host = Netns::host_id(Path::new("/proc")).unwrap();
-        let cases: [(&Path, fn(&NetnsError) -> bool); 8] = [
+        type Case<'a> = (&'a Path, fn(&NetnsError) -> bool);
+        let cases: [Case<'_>; 8] = [
             (&fifo, |e| matches!(e, NetnsError::NotNsfs { .. })),
             (&dir, |e| matches!(e, NetnsError::NotNsfs { .. })),
             (&file, |e| matches!(e, NetnsError::NotNsfs { .. })),
