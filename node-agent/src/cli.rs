@@ -53,8 +53,6 @@ pub enum Command {
         #[arg(long, env = "RUN_DIR", default_value = "/var/run/ambient-cni")]
         run_dir: PathBuf,
     },
-    /// Run the local demo (real netns pods, the real CNI chain, the agent, a ztunnel stand-in).
-    Demo(crate::cmd::demo::DemoArgs),
 }
 
 /// Logging flags shared by the daemon and the tools.
@@ -94,8 +92,8 @@ pub struct RunArgs {
     /// This node's name (downward API).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
-    /// Installer settings; also the plugin socket (`--agent-socket`), the agent's
-    /// namespace (`POD_NAMESPACE`) and `EXCLUDE_NAMESPACES`, shared with the plugin's entry.
+    /// Installer settings; also the plugin socket (`--agent-socket`) and
+    /// `EXCLUDE_NAMESPACES`, shared with the plugin's entry.
     #[command(flatten)]
     pub install: ambient_cni_install::cli::InstallArgs,
     /// Run the installer (copy the plugin, chain it into the CNI config, repair it).
@@ -104,6 +102,12 @@ pub struct RunArgs {
     /// The agent's state directory (netns records survive agent restarts here).
     #[arg(long, env = "RUN_DIR", default_value = "/var/run/ambient-cni")]
     pub run_dir: PathBuf,
+    /// How often the decisions file beside the plugin socket is rewritten at the latest
+    /// (it is also rewritten on every change); keep it well under the plugin's
+    /// `decisions_max_age_s` (600 s by default).
+    #[arg(long, env = "DECISIONS_REFRESH_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub decisions_refresh_seconds: u64,
     /// The ZDS socket ztunnel connects to.
     #[arg(
         long,

@@ -40,8 +40,6 @@ pub fn policy_from(args: &RunArgs) -> anyhow::Result<Policy> {
             .map_err(anyhow::Error::msg)?,
         exclude_namespaces: args.install.exclude_namespaces_list(),
         system_namespace: args.system_namespace.clone(),
-        agent_namespace: args.install.agent_namespace.clone(),
-        agent_pod_prefix: args.install.agent_pod_prefix.clone(),
         inpod: InpodConfig {
             dns_capture: args.ambient_dns_capture,
             ipv6: args.ambient_ipv6,
@@ -157,6 +155,12 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     // The plugin socket opens first: until state is rebuilt it answers "try again".
     let socket = std::path::PathBuf::from(&args.install.agent_socket);
     let listener = plugin_server::bind(&socket)?;
+    crate::decisions::start(
+        &controller,
+        &socket,
+        std::time::Duration::from_secs(args.decisions_refresh_seconds),
+        &metrics,
+    );
     readiness.set(crate::obs::health::PLUGIN_SOCKET_SERVING, true);
     let uid = nix::unistd::geteuid().as_raw();
     let plugin = tokio::spawn(plugin_server::serve(

@@ -93,6 +93,22 @@ impl Controller {
         &self.policy
     }
 
+    /// The decisions file's content for the current cache (see [`crate::decisions`]).
+    pub fn decisions(&self, now_s: u64) -> ambient_cni_api::decisions::Decisions {
+        let c = self.cache();
+        crate::decisions::compute(
+            &self.policy,
+            c.pods.values().map(|p| p.as_ref()),
+            &c.namespaces,
+            now_s,
+        )
+    }
+
+    /// Notified on every pod or namespace event.
+    pub fn changes(&self) -> &Notify {
+        &self.changed
+    }
+
     /// The cached pod `ns/name` and its namespace's labels.
     pub fn cached(&self, namespace: &str, name: &str) -> Option<Found> {
         let c = self.cache();
