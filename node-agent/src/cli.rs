@@ -147,6 +147,13 @@ pub struct RunArgs {
         default_value = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
     )]
     pub host_probe_snat_ipv6: Ipv6Addr,
+    /// The uid ztunnel runs as: the only peer the ZDS socket accepts (it hands out
+    /// every held pod's netns).
+    #[arg(long, env = "ZTUNNEL_UID", default_value_t = 0)]
+    pub ztunnel_uid: u32,
+    /// The kubelet's uid for the host probe SNAT; found in the host /proc when unset.
+    #[arg(long, env = "KUBELET_UID")]
+    pub kubelet_uid: Option<u32>,
     /// Where ztunnel runs (its pods are never captured).
     #[arg(long, env = "SYSTEM_NAMESPACE", default_value = "istio-system")]
     pub system_namespace: String,

@@ -69,7 +69,8 @@ pub fn redirector_from(choice: BackendChoice) -> anyhow::Result<Redirector> {
 
 /// The host probe set: native nf_tables keyed on the kubelet's uid; none on a host without a kubelet.
 fn host_probes(args: &RunArgs) -> Arc<dyn crate::mesh::hooks::ProbeSet> {
-    let Some(uid) = crate::mesh::host_probe::kubelet_uid(&args.host_proc) else {
+    let found = || crate::mesh::host_probe::kubelet_uid(&args.host_proc);
+    let Some(uid) = args.kubelet_uid.or_else(found) else {
         warn!("no kubelet process found: host probe SNAT not installed (kubelet probes to mesh pods would be redirected)");
         return Arc::new(NoProbeSet);
     };
@@ -185,7 +186,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     });
     let ctl = controller.clone();
     let zds_path = args.ztunnel_uds_address.clone();
-    let control = tokio::spawn(async move { ctl.start(zds_path).await });
+    let zds_cfg = crate::inpod::zds::config::ZdsConfig {
+        allowed_uid: args.ztunnel_uid,
+        ..Default::default()
+    };
+    let control = tokio::spawn(async move { ctl.start(zds_path, zds_cfg).await });
 
     // Then the CNI config (Istio's order): the kubelet only chains us once we can answer.
     let install_ready = Arc::new(std::sync::atomic::AtomicBool::new(!args.install_cni));
