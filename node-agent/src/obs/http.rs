@@ -210,7 +210,6 @@ async fn serve_connection(
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};
-    use std::net::TcpStream;
 
     // The GET client lives in the development crate: the agent only serves HTTP.
     use ambient_cni_tests::http::get;
