@@ -3,7 +3,6 @@
 //! leaves nothing. Each case runs in fresh network namespaces made with `unshare` on a thread.
 
 use std::net::Ipv6Addr;
-use std::path::PathBuf;
 use std::process::Command;
 
 use iptables_rules::backend::nftables::NftablesBackend;
