@@ -14,6 +14,7 @@ pub mod bench;
 pub mod churn;
 pub mod cni;
 pub mod kubelet;
+pub mod node;
 pub mod peers;
 
 /// Where Debian's `containernetworking-plugins` puts the reference plugins.
@@ -94,6 +95,8 @@ pub fn ip(args: &[&str]) {
 #[derive(Debug)]
 pub struct NamedNetns {
     name: String,
+    /// Made by this test (deleted on drop), or someone else's, e.g. a runtime's pod netns.
+    owned: bool,
 }
 
 impl NamedNetns {
@@ -102,7 +105,16 @@ impl NamedNetns {
         let name = unique("acni");
         ip(&["netns", "add", &name]);
         ip(&["-n", &name, "link", "set", "lo", "up"]);
-        Self { name }
+        Self { name, owned: true }
+    }
+
+    /// An existing `/var/run/netns/<name>` made by someone else (a container runtime's pod
+    /// netns): probed like ours, never deleted by the test.
+    pub fn existing(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            owned: false,
+        }
     }
 
     /// The netns name.
@@ -134,6 +146,9 @@ impl Default for NamedNetns {
 
 impl Drop for NamedNetns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = Command::new("ip")
             .args(["netns", "delete", &self.name])
             .status();
