@@ -34,7 +34,11 @@ EXPECTED_RBAC = {
     ("", "pods/status", "patch"),
     ("", "events", "create"), ("events.k8s.io", "events", "create"),
 }
-EXPECTED_KINDS = ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "ServiceAccount"]
+# The namespaced Role: `get` on our own DaemonSet only (the uninstall-or-upgrade check at SIGTERM).
+EXPECTED_ROLE_RULES = [{"apiGroups": ["apps"], "resources": ["daemonsets"],
+                        "resourceNames": ["ambient-cni-node"], "verbs": ["get"]}]
+EXPECTED_KINDS = ["ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet", "Role", "RoleBinding",
+                  "ServiceAccount"]
 EXPECTED_CAPS = {"NET_ADMIN", "NET_RAW", "SYS_ADMIN", "SYS_PTRACE", "DAC_OVERRIDE"}
 EXPECTED_HOST_PATHS = {"/proc", "/var/run/ambient-cni", "/var/run/ztunnel", "/run/xtables.lock"}
 
@@ -105,9 +109,15 @@ def check_daemonset(label, ds, objs):
         fail(label, f"capabilities must drop ALL and add exactly {sorted(EXPECTED_CAPS)}: {caps}")
     for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
         get = c.get(probe, {}).get("httpGet", {})
-        if get.get("path") != path or get.get("port") != 8000:
-            fail(label, f"{probe} must be httpGet {path} :8000, got {get}")
+        if get.get("path") != path or get.get("port") != 8000 or get.get("host") != "127.0.0.1":
+            fail(label, f"{probe} must be httpGet 127.0.0.1:8000{path}, got {get}")
+    if spec.get("securityContext", {}).get("seccompProfile", {}).get("type") != "RuntimeDefault":
+        fail(label, "the pod must set securityContext.seccompProfile.type: RuntimeDefault")
     env = {e["name"]: e for e in c.get("env", [])}
+    # Loopback health port (the probes above), and the DaemonSet the agent reads at SIGTERM.
+    for name, value in (("HEALTH_ADDR", "127.0.0.1:8000"), ("DAEMONSET_NAME", ds["metadata"]["name"])):
+        if env.get(name, {}).get("value") != value:
+            fail(label, f"env {name} must be {value!r}, got {env.get(name)}")
     for name, field in (("NODE_NAME", "spec.nodeName"), ("POD_NAME", "metadata.name"),
                         ("POD_NAMESPACE", "metadata.namespace")):
         if env.get(name, {}).get("valueFrom", {}).get("fieldRef", {}).get("fieldPath") != field:
@@ -141,6 +151,13 @@ def check_stream(label, objs):
             check_rbac(label, o)
         if o["kind"] == "DaemonSet":
             check_daemonset(label, o, objs)
+        if o["kind"] == "Role" and o.get("rules") != EXPECTED_ROLE_RULES:
+            fail(label, f"Role rules differ from the contract: {o.get('rules')}")
+        if o["kind"] == "RoleBinding":
+            sa = [s for s in o.get("subjects", []) if s.get("kind") == "ServiceAccount"]
+            if [s.get("name") for s in sa] != ["ambient-cni"] or o["roleRef"] != {
+                    "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ambient-cni"}:
+                fail(label, "RoleBinding must bind Role ambient-cni to ServiceAccount ambient-cni only")
         if o["kind"] == "ClusterRoleBinding":
             sa = [s for s in o.get("subjects", []) if s.get("kind") == "ServiceAccount"]
             if [s.get("name") for s in sa] != ["ambient-cni"] or o["roleRef"]["name"] != "ambient-cni":
@@ -154,6 +171,8 @@ PATHS = {
     "ConfigMap": ("/api/v1", "configmaps", True),
     "DaemonSet": ("/apis/apps/v1", "daemonsets", True),
     "ClusterRole": ("/apis/rbac.authorization.k8s.io/v1", "clusterroles", False),
+    "Role": ("/apis/rbac.authorization.k8s.io/v1", "roles", True),
+    "RoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "rolebindings", True),
     "ClusterRoleBinding": ("/apis/rbac.authorization.k8s.io/v1", "clusterrolebindings", False),
 }
 
@@ -217,8 +236,13 @@ def request(connect, headers, method, path, body=None):
     return r.status, text
 
 
-# (verb, group, resource, subresource, namespaced, allowed)
+# (verb, group, resource, subresource, namespaced, allowed[, name])
 ACCESS_MATRIX = [
+    ("get", "apps", "daemonsets", "", True, True, "ambient-cni-node"),
+    ("get", "apps", "daemonsets", "", True, False, "other"),
+    ("list", "apps", "daemonsets", "", True, False), ("watch", "apps", "daemonsets", "", True, False),
+    ("patch", "apps", "daemonsets", "", True, False, "ambient-cni-node"),
+    ("delete", "apps", "daemonsets", "", True, False, "ambient-cni-node"),
     ("get", "", "pods", "", True, True), ("list", "", "pods", "", False, True),
     ("watch", "", "pods", "", False, True), ("list", "", "namespaces", "", False, True),
     ("watch", "", "namespaces", "", False, True), ("get", "", "namespaces", "", False, True),
@@ -241,6 +265,7 @@ def rbac_live(label, objs):
     ns = f"acni-validate-{suffix}"[:63]
     role_name = f"ambient-cni-validate-{suffix}"
     role = next(o for o in objs if o["kind"] == "ClusterRole")
+    ns_role = next(o for o in objs if o["kind"] == "Role")
     created = []
     try:
         for path, body in (
@@ -254,6 +279,13 @@ def rbac_live(label, objs):
               "metadata": {"name": role_name},
               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role_name},
               "subjects": [{"kind": "ServiceAccount", "name": "ambient-cni", "namespace": ns}]}),
+            (f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/roles",
+             dict(ns_role, metadata={"name": "ambient-cni"})),
+            (f"/apis/rbac.authorization.k8s.io/v1/namespaces/{ns}/rolebindings",
+             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+              "metadata": {"name": "ambient-cni"},
+              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "ambient-cni"},
+              "subjects": [{"kind": "ServiceAccount", "name": "ambient-cni", "namespace": ns}]}),
         ):
             status, text = request(connect, headers, "POST", path, body)
             if status not in (200, 201):
@@ -263,10 +295,12 @@ def rbac_live(label, objs):
         sa_kc = subprocess.run([os.path.join(os.environ["KUBE_PEER_DIR"], "kubeconfig-for"), ns, "ambient-cni"],
                                check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
         sa_connect, sa_headers = kube_client(sa_kc)
-        for verb, group, resource, sub, namespaced, allowed in ACCESS_MATRIX:
+        for verb, group, resource, sub, namespaced, allowed, *name in ACCESS_MATRIX:
             attrs = {"verb": verb, "group": group, "resource": resource, "subresource": sub}
             if namespaced:
                 attrs["namespace"] = ns
+            if name:
+                attrs["name"] = name[0]
             review = {"apiVersion": "authorization.k8s.io/v1", "kind": "SelfSubjectAccessReview",
                       "spec": {"resourceAttributes": attrs}}
             status, text = request(sa_connect, sa_headers, "POST",
@@ -276,7 +310,7 @@ def rbac_live(label, objs):
                 continue
             got = json.loads(text).get("status", {}).get("allowed", False)
             if got != allowed:
-                what = f"{verb} {group or 'core'}/{resource}{'/' + sub if sub else ''}"
+                what = f"{verb} {group or 'core'}/{resource}{'/' + sub if sub else ''}{' ' + name[0] if name else ''}"
                 fail(label, f"ServiceAccount {'may' if got else 'may not'} {what} (contract: {'allowed' if allowed else 'denied'})")
     finally:
         for path in reversed(created):

@@ -101,6 +101,10 @@ pub struct RunArgs {
     /// Run the installer (copy the plugin, chain it into the CNI config, repair it).
     #[arg(long, env = "INSTALL_CNI", default_value_t = true, action = clap::ArgAction::Set)]
     pub install_cni: bool,
+    /// The agent's own DaemonSet (in `POD_NAMESPACE`), read at SIGTERM: present = upgrade
+    /// (keep the plugin), gone or being deleted = uninstall (remove it). Empty: always keep.
+    #[arg(long, env = "DAEMONSET_NAME", default_value = "ambient-cni-node")]
+    pub daemonset_name: String,
     /// The agent's state directory (netns records survive agent restarts here).
     #[arg(long, env = "RUN_DIR", default_value = "/var/run/ambient-cni")]
     pub run_dir: PathBuf,
@@ -145,10 +149,11 @@ pub struct RunArgs {
     /// The host's /proc (`/host/proc` in a pod).
     #[arg(long, env = "HOST_PROC", default_value = "/proc")]
     pub host_proc: PathBuf,
-    /// Health port (`/healthz`, `/readyz`).
+    /// Health port (`/healthz`, `/readyz`): `IP:PORT`, e.g. `127.0.0.1:8000` so only
+    /// the node itself (the kubelet) can reach it.
     #[arg(long, env = "HEALTH_ADDR", default_value = "0.0.0.0:8000")]
     pub health_addr: std::net::SocketAddr,
-    /// Prometheus metrics port (`/metrics`).
+    /// Prometheus metrics port (`/metrics`): `IP:PORT`.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:15014")]
     pub metrics_addr: std::net::SocketAddr,
     /// Logging.

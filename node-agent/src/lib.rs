@@ -13,6 +13,7 @@ pub mod pods;
 pub mod policy;
 pub mod privileges;
 pub mod run;
+pub mod stop_mode;
 pub mod uds;
 
 #[cfg(test)]

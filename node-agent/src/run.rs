@@ -93,6 +93,12 @@ fn host_probes(args: &RunArgs) -> Arc<dyn crate::mesh::hooks::ProbeSet> {
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
     info!(node = %args.node_name, "starting ambient-cni-agent");
     let policy = policy_from(&args)?;
+    // For the upgrade-or-uninstall question at SIGTERM (stop_mode); made now so a bad
+    // configuration fails the start, not the stop.
+    let stop_client = match args.pod_source {
+        PodSourceKind::Kube => Some(crate::pods::kube::client_from_env().await?),
+        PodSourceKind::Local => None,
+    };
     let redirector = Arc::new(redirector_from(args.rules_backend)?);
     info!(backend = %redirector.kind(), "in-pod rules backend");
     let source: Arc<dyn PodSource> = match args.pod_source {
@@ -120,7 +126,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         table,
         Effects {
             redirector,
-            probes,
+            probes: probes.clone(),
             // A second client costs no extra connection: the source's are held by its watches.
             status: match args.pod_source {
                 PodSourceKind::Kube => Arc::new(
@@ -186,6 +192,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let ready = install_ready.clone();
     metrics
         .on_scrape(move |m| m.set_install_ready(ready.load(std::sync::atomic::Ordering::Acquire)));
+    // Decided at SIGTERM (see stop_mode): the installer waits for the answer before it stops.
+    let (mode_tx, mode_rx) = tokio::sync::watch::channel(None);
     let installer = if args.install_cni {
         let inst = Arc::new(args.install.installer().context("installer settings")?);
         let watched = inst.clone();
@@ -199,12 +207,13 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         let ready = install_ready.clone();
         let runner = inst.clone();
         Some(tokio::spawn(async move {
-            // SIGTERM is an upgrade or reboot unless told otherwise: keep the
-            // plugin and its config (pods fail closed until the agent is back).
-            // `ambient-cni-agent uninstall` removes them.
-            let shutdown = async {
-                crate::run::shutdown_signal().await;
-                ambient_cni_install::ShutdownMode::Upgrade
+            let mut mode_rx = mode_rx;
+            let shutdown = async move {
+                match mode_rx.wait_for(Option::is_some).await {
+                    Ok(m) => m.unwrap_or(ambient_cni_install::ShutdownMode::Upgrade),
+                    // The agent is ending without a SIGTERM decision (a crash): keep.
+                    Err(_) => ambient_cni_install::ShutdownMode::Upgrade,
+                }
             };
             if let Err(e) = runner.run(shutdown, ready).await {
                 error!(error = %e, "installer failed");
@@ -214,9 +223,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         None
     };
 
-    tokio::select! {
+    // The plugin server ends only on SIGTERM/SIGINT; a failed controller is no uninstall.
+    let signalled = tokio::select! {
         r = plugin => {
             r.context("plugin server task")?.context("plugin socket server failed")?;
+            true
         }
         r = control => {
             match r {
@@ -224,14 +235,28 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
                 Ok(Err(e)) => error!(error = %e, "controller failed"),
                 Err(e) => error!(error = %e, "controller task failed"),
             }
+            false
         }
-    }
+    };
     // Listener first, then connections: ztunnel's instant reconnect must not land in a dying backlog.
     if let Some(z) = controller.enroller().zds() {
         z.shutdown().await;
     }
+    let mode = if signalled {
+        let name = Some(args.daemonset_name.as_str()).filter(|n| !n.is_empty());
+        crate::stop_mode::at_stop(stop_client, &args.install.agent_namespace, name).await
+    } else {
+        ambient_cni_install::ShutdownMode::Upgrade
+    };
+    let _ = mode_tx.send(Some(mode));
     if let Some(i) = installer {
         let _ = tokio::time::timeout(std::time::Duration::from_secs(5), i).await;
+    }
+    if mode == ambient_cni_install::ShutdownMode::Uninstall {
+        match probes.uninstall() {
+            Ok(()) => info!("host probe rules removed (uninstall)"),
+            Err(e) => error!(error = %e, "host probe rules: removal failed"),
+        }
     }
     let _ = std::fs::remove_file(&socket);
     info!("stopped (in-pod rules stay in place)");

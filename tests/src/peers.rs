@@ -619,7 +619,13 @@ impl AgentProcess {
             .arg(dir.join("ztunnel.sock"))
             .arg("--run-dir")
             .arg(dir.join("run"))
-            .args(["--pod-source", "kube", "--install-cni=false"])
+            .args(["--pod-source", "kube"])
+            // The installer stays off unless `extra` turns it on.
+            .args(if extra.iter().any(|a| a.starts_with("--install-cni")) {
+                &[][..]
+            } else {
+                &["--install-cni=false"][..]
+            })
             .args(["--log-level", "info,ambient_cni_agent=debug"])
             .args(EPHEMERAL_PORTS)
             .args(extra)

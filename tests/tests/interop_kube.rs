@@ -15,11 +15,12 @@ use ambient_cni_tests::cni::{Attachment, Chain};
 use ambient_cni_tests::kubelet::RunningPod;
 use ambient_cni_tests::peers::*;
 use ambient_cni_tests::*;
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::authorization::v1::{
     ResourceRule, SelfSubjectAccessReview, SelfSubjectRulesReview,
 };
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
@@ -109,8 +110,9 @@ impl Cluster {
         });
     }
 
-    /// Applies the shipped ServiceAccount, ClusterRole and ClusterRoleBinding (unique names,
-    /// the home namespace), then returns a kubeconfig that IS that ServiceAccount, once allowed.
+    /// Applies the shipped ServiceAccount, ClusterRole, ClusterRoleBinding, Role and RoleBinding
+    /// (unique cluster-scoped names, the home namespace), then returns a kubeconfig that IS that
+    /// ServiceAccount, once allowed.
     fn agent_kubeconfig(&mut self) -> std::path::PathBuf {
         let home = self.home.clone();
         self.namespace(&home, json!({}));
@@ -153,6 +155,24 @@ impl Cluster {
                             .await
                             .expect("create ClusterRoleBinding");
                     }
+                    // Namespaced: the home namespace keeps their names unique.
+                    "Role" => {
+                        let r: Role = serde_json::from_value(obj).expect("Role");
+                        Api::<Role>::namespaced(admin.clone(), &home)
+                            .create(&PostParams::default(), &r)
+                            .await
+                            .expect("create Role");
+                    }
+                    "RoleBinding" => {
+                        for s in obj["subjects"].as_array_mut().into_iter().flatten() {
+                            s["namespace"] = json!(home);
+                        }
+                        let b: RoleBinding = serde_json::from_value(obj).expect("RoleBinding");
+                        Api::<RoleBinding>::namespaced(admin.clone(), &home)
+                            .create(&PostParams::default(), &b)
+                            .await
+                            .expect("create RoleBinding");
+                    }
                     _ => continue,
                 }
                 applied.push(kind);
@@ -162,7 +182,13 @@ impl Cluster {
         applied.sort();
         assert_eq!(
             applied,
-            ["ClusterRole", "ClusterRoleBinding", "ServiceAccount"]
+            [
+                "ClusterRole",
+                "ClusterRoleBinding",
+                "Role",
+                "RoleBinding",
+                "ServiceAccount"
+            ]
         );
         let kc = self
             .peer
@@ -276,6 +302,14 @@ impl Drop for Cluster {
                 ..DeleteParams::default()
             };
             for ns in &namespaces {
+                // A test's finalizer on its DaemonSet would hold the namespace forever.
+                let _ = Api::<DaemonSet>::namespaced(admin.clone(), ns)
+                    .patch(
+                        DAEMONSET,
+                        &PatchParams::default(),
+                        &Patch::Merge(&json!({"metadata": {"finalizers": null}})),
+                    )
+                    .await;
                 // Pods bound to a node wait for a kubelet: force them out first.
                 let api: Api<Pod> = Api::namespaced(admin.clone(), ns);
                 if let Ok(list) = api.list(&ListParams::default()).await {
@@ -982,6 +1016,90 @@ fn agent_service_account_can_do_exactly_what_the_contract_lists() {
         }
     });
 
+    // The agent's own namespace adds exactly one rule: `get` on its own DaemonSet, by name
+    // (read at SIGTERM: upgrade or uninstall).
+    let home = c.home.clone();
+    let home_rules = c.rt.block_on(async {
+        let review: SelfSubjectRulesReview =
+            serde_json::from_value(json!({"spec": {"namespace": home}})).expect("rules review");
+        Api::<SelfSubjectRulesReview>::all(agent.clone())
+            .create(&PostParams::default(), &review)
+            .await
+            .expect("SelfSubjectRulesReview")
+    });
+    let home_status = home_rules.status.expect("SelfSubjectRulesReview status");
+    let (named, unnamed): (Vec<ResourceRule>, Vec<ResourceRule>) = home_status
+        .resource_rules
+        .into_iter()
+        .partition(|r| r.resource_names.as_ref().is_some_and(|n| !n.is_empty()));
+    assert_eq!(
+        expand(&unnamed),
+        got,
+        "the home namespace grants more than the contract"
+    );
+    let named: Vec<Value> = named
+        .iter()
+        .map(|r| json!([r.verbs, r.api_groups, r.resources, r.resource_names]))
+        .collect();
+    assert_eq!(
+        named,
+        [json!([
+            ["get"],
+            ["apps"],
+            ["daemonsets"],
+            ["ambient-cni-node"]
+        ])],
+        "the named rules of the agent's own namespace"
+    );
+    let by_name = c.rt.block_on(async {
+        let mut wrong = Vec::new();
+        for (verb, where_, name, allowed) in [
+            ("get", &home, Some("ambient-cni-node"), true),
+            ("get", &home, Some("other"), false),
+            ("get", &home, None, false),
+            ("list", &home, None, false),
+            ("watch", &home, None, false),
+            ("update", &home, Some("ambient-cni-node"), false),
+            ("patch", &home, Some("ambient-cni-node"), false),
+            ("delete", &home, Some("ambient-cni-node"), false),
+            ("get", &ns, Some("ambient-cni-node"), false),
+        ] {
+            let mut attrs = json!({"verb": verb, "group": "apps", "resource": "daemonsets",
+                "namespace": where_});
+            if let Some(n) = name {
+                attrs["name"] = json!(n);
+            }
+            let review: SelfSubjectAccessReview =
+                serde_json::from_value(json!({"spec": {"resourceAttributes": attrs}}))
+                    .expect("review");
+            let got = Api::<SelfSubjectAccessReview>::all(agent.clone())
+                .create(&PostParams::default(), &review)
+                .await
+                .expect("SelfSubjectAccessReview");
+            if got.status.map(|s| s.allowed) != Some(allowed) {
+                wrong.push(format!(
+                    "{verb} daemonsets/{name:?} in {where_}: must be allowed={allowed}"
+                ));
+            }
+        }
+        // For real: our (absent) DaemonSet is a 404, not a 403; another name is a 403.
+        let dss: Api<DaemonSet> = Api::namespaced(agent.clone(), &home);
+        match dss.get_opt("ambient-cni-node").await {
+            Ok(None) => {}
+            other => wrong.push(format!("get our DaemonSet as the agent: {other:?}")),
+        }
+        match dss.get("other").await {
+            Err(kube::Error::Api(s)) if s.code == 403 => {}
+            other => wrong.push(format!("get another DaemonSet as the agent: {other:?}")),
+        }
+        wrong
+    });
+    assert!(
+        by_name.is_empty(),
+        "the agent's DaemonSet access is wrong:\n  {}",
+        by_name.join("\n  ")
+    );
+
     // The same table through kubectl, when this machine has it.
     match find_kubectl(&peer) {
         None => eprintln!("no kubectl (PATH, KUBE_PEER_DIR): the kubectl cross-check is skipped"),
@@ -1161,4 +1279,192 @@ fn agent_watch_resumes_after_the_api_server_drops_and_misses_no_change() {
         });
     }
     drop(agent);
+}
+
+/// The agent's DaemonSet as the chart names it (the agent reads it at SIGTERM).
+const DAEMONSET: &str = "ambient-cni-node";
+
+impl Cluster {
+    /// Creates our DaemonSet in the home namespace; it selects no node, so it only sits there.
+    fn create_daemonset(&self) {
+        let ds: DaemonSet = serde_json::from_value(json!({
+            "metadata": {"name": DAEMONSET},
+            "spec": {
+                "selector": {"matchLabels": {"app": "acni-test"}},
+                "template": {
+                    "metadata": {"labels": {"app": "acni-test"}},
+                    "spec": {"nodeSelector": {"ambient-cni.test/no-node": "true"},
+                        "automountServiceAccountToken": false,
+                        "containers": [{"name": "agent", "image": "agent"}]},
+                },
+            },
+        }))
+        .expect("DaemonSet");
+        let api: Api<DaemonSet> = Api::namespaced(self.admin.clone(), &self.home);
+        self.rt
+            .block_on(api.create(&PostParams::default(), &ds))
+            .expect("create DaemonSet");
+    }
+
+    /// Sets (`Some`) or clears (`None`) a finalizer on our DaemonSet.
+    fn daemonset_finalizer(&self, finalizer: Option<&str>) {
+        let patch = json!({"metadata": {"finalizers": finalizer.map(|f| vec![f])}});
+        let api: Api<DaemonSet> = Api::namespaced(self.admin.clone(), &self.home);
+        self.rt
+            .block_on(api.patch(DAEMONSET, &PatchParams::default(), &Patch::Merge(&patch)))
+            .expect("patch DaemonSet finalizers");
+    }
+
+    /// Deletes our DaemonSet (with a finalizer on it, it stays, marked for deletion).
+    fn delete_daemonset(&self) {
+        let api: Api<DaemonSet> = Api::namespaced(self.admin.clone(), &self.home);
+        self.rt
+            .block_on(api.delete(DAEMONSET, &DeleteParams::default()))
+            .expect("delete DaemonSet");
+    }
+
+    /// Whether our DaemonSet exists, and whether it is marked for deletion.
+    fn daemonset_state(&self) -> Option<bool> {
+        let api: Api<DaemonSet> = Api::namespaced(self.admin.clone(), &self.home);
+        let ds = self
+            .rt
+            .block_on(api.get_opt(DAEMONSET))
+            .expect("get DaemonSet")?;
+        Some(ds.metadata.deletion_timestamp.is_some())
+    }
+}
+
+/// Whether the plugin is installed in `dir`: its binary in `bin/`, its entry in the conflist.
+fn installed(dir: &TempDir) -> (bool, bool) {
+    let conf = std::fs::read_to_string(dir.join("net.d/10-k8s.conflist")).unwrap_or_default();
+    (
+        dir.join("bin/ambient-cni").is_file(),
+        conf.contains("\"ambient-cni\""),
+    )
+}
+
+#[test]
+fn sigterm_keeps_the_plugin_while_our_daemonset_exists_and_removes_it_on_uninstall() {
+    let test = "sigterm_keeps_the_plugin_while_our_daemonset_exists_and_removes_it_on_uninstall";
+    let Some(peer) = kube_peer(test) else {
+        return;
+    };
+    let mut c = Cluster::new(peer, "stop");
+    let kc = c.agent_kubeconfig();
+    let node = c.node();
+    let home = c.home.clone();
+    let dir = TempDir::new("acni-iks");
+    for d in ["net.d", "bin", "proc"] {
+        std::fs::create_dir_all(dir.join(d)).expect("mkdir");
+    }
+    let primary = json!({"cniVersion": "1.0.0", "name": "k8s",
+        "plugins": [{"type": "bridge", "bridge": "none0"}]});
+    std::fs::write(dir.join("net.d/10-k8s.conflist"), primary.to_string()).expect("conflist");
+    // Through a gate, so one round can take the API server away.
+    let gate = TcpGate::open(c.api_addr());
+    let gated = dir.join("agent.kubeconfig");
+    kubeconfig_via(&kc, &format!("https://{}", gate.addr()), &gated).expect("gated kubeconfig");
+    let (bin_dir, conf_dir, proc_dir) = (
+        dir.join("bin").display().to_string(),
+        dir.join("net.d").display().to_string(),
+        dir.join("proc").display().to_string(),
+    );
+    let plugin = plugin_bin().display().to_string();
+    let start = |round: &str| {
+        let agent = AgentProcess::start_kube(
+            &dir.join(round),
+            &gated,
+            &node,
+            &[
+                "--install-cni=true",
+                "--cni-bin-dir",
+                &bin_dir,
+                "--cni-conf-dir",
+                &conf_dir,
+                "--plugin-binary",
+                &plugin,
+                "--agent-namespace",
+                &home,
+                "--daemonset-name",
+                DAEMONSET,
+                // An empty /proc: no kubelet found, so the host's probe table is never touched.
+                "--host-proc",
+                &proc_dir,
+            ],
+        );
+        wait(&format!("{round}: plugin installed"), &agent, || {
+            installed(&dir) == (true, true)
+        });
+        agent
+    };
+    let stop = |mut agent: AgentProcess, round: &str| -> String {
+        let t = Instant::now();
+        let st = agent.terminate(Duration::from_secs(15));
+        assert!(
+            st.is_some(),
+            "{round}: the agent did not exit within 15 s of SIGTERM\n{}",
+            agent.log_text()
+        );
+        eprintln!("{round}: exited {:?} after SIGTERM", t.elapsed());
+        agent.log_text()
+    };
+
+    // Upgrade: our DaemonSet is there, so the plugin and its entry stay.
+    c.create_daemonset();
+    let log = stop(start("upgrade"), "upgrade");
+    assert_eq!(
+        installed(&dir),
+        (true, true),
+        "upgrade: the plugin must stay\n{log}"
+    );
+    assert!(log.contains("leaving the plugin installed"), "{log}");
+
+    // The API server cannot be reached at SIGTERM: treated as an uninstall (see
+    // docs/operations.md: a left-behind entry breaks every later pod on the node).
+    let agent = start("unreachable");
+    gate.off();
+    let log = stop(agent, "unreachable");
+    gate.on();
+    assert_eq!(
+        installed(&dir),
+        (false, false),
+        "API unreachable: the plugin must be removed\n{log}"
+    );
+    assert!(log.contains("treating this as an uninstall"), "{log}");
+
+    // Uninstall, DaemonSet being deleted (a finalizer holds it, marked for deletion).
+    c.daemonset_finalizer(Some("ambient-cni.test/hold"));
+    let agent = start("deleting");
+    c.delete_daemonset();
+    assert_eq!(
+        c.daemonset_state(),
+        Some(true),
+        "the DaemonSet is marked for deletion"
+    );
+    let log = stop(agent, "deleting");
+    assert_eq!(
+        installed(&dir),
+        (false, false),
+        "DaemonSet being deleted: the plugin must be removed\n{log}"
+    );
+    let conf = std::fs::read_to_string(dir.join("net.d/10-k8s.conflist")).expect("conflist");
+    let v: Value = serde_json::from_str(&conf).expect("conflist JSON");
+    assert_eq!(v, primary, "the primary's config is as it was before us");
+
+    // Uninstall, DaemonSet gone.
+    c.daemonset_finalizer(None);
+    assert!(
+        wait_for(LONG, || c.daemonset_state().is_none()),
+        "DaemonSet still there"
+    );
+    let log = stop(start("gone"), "gone");
+    assert_eq!(
+        installed(&dir),
+        (false, false),
+        "DaemonSet gone: the plugin must be removed\n{log}"
+    );
+    assert!(
+        log.contains("our DaemonSet is gone or being deleted"),
+        "{log}"
+    );
 }

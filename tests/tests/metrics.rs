@@ -568,3 +568,75 @@ fn readyz_waits_for_the_installer() {
     assert!(text.contains("ambient-cni"), "{text}");
     assert_eq!(gauge, Some(Some(1.0)));
 }
+
+/// Opens `idle` connections that say nothing and `busy` ones that sent one keep-alive
+/// request (`GET path`) and never read the answer, all held open.
+fn hold(port: u16, idle: usize, busy: usize, path: &str) -> Vec<TcpStream> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut held = Vec::with_capacity(idle + busy);
+    for i in 0..idle + busy {
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).expect("connect");
+        if i >= idle {
+            write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").expect("send");
+        }
+        held.push(s);
+    }
+    held
+}
+
+/// The slowest of `n` rounds of GET /healthz and GET /readyz; each must answer 200.
+fn slowest_probe(hp: u16, n: usize) -> Duration {
+    let mut slowest = Duration::ZERO;
+    for _ in 0..n {
+        for path in ["/healthz", "/readyz"] {
+            let t = std::time::Instant::now();
+            let got = get(hp, path);
+            let took = t.elapsed();
+            assert_eq!(got.map(|r| r.0), Some(200), "{path} while flooded");
+            slowest = slowest.max(took);
+        }
+    }
+    slowest
+}
+
+#[test]
+fn probes_answer_within_100ms_while_connections_are_held_on_both_ports() {
+    if !require_root("probes_answer_within_100ms_while_connections_are_held_on_both_ports") {
+        return;
+    }
+    let dir = TempDir::new("acni-flood");
+    let (hp, mp) = (free_port(), free_port());
+    let agent = AgentProcess::start(
+        &dir.0,
+        &[
+            &format!("--health-addr=127.0.0.1:{hp}"),
+            &format!("--metrics-addr=127.0.0.1:{mp}"),
+        ],
+    );
+    assert!(
+        wait_for(Duration::from_secs(20), || get(hp, "/readyz")
+            .is_some_and(|r| r.0 == 200)),
+        "{}",
+        agent.log_text()
+    );
+
+    // Anything that reaches the metrics port (hostNetwork: the node IP) holds connections.
+    let on_metrics = hold(mp, 500, 100, "/metrics");
+    let slowest = slowest_probe(hp, 20);
+    assert!(
+        slowest < Duration::from_millis(100),
+        "a probe took {slowest:?} with 600 connections held on the metrics port"
+    );
+    // The metrics port itself still serves a newcomer (the oldest held ones make room).
+    assert_eq!(get(mp, "/metrics").map(|r| r.0), Some(200));
+
+    // And on the health port itself: 500 silent, 100 with an unanswered request.
+    let on_health = hold(hp, 500, 100, "/healthz");
+    let slowest = slowest_probe(hp, 20);
+    assert!(
+        slowest < Duration::from_millis(100),
+        "a probe took {slowest:?} with 600 connections held on the health port\n{}",
+        agent.log_text()
+    );
+    drop((on_metrics, on_health));
+}

@@ -16,6 +16,10 @@ pub trait ProbeSet: Send + Sync {
     fn resync(&self, held: &[(String, Vec<IpAddr>)]) -> Result<(), String> {
         held.iter().try_for_each(|(uid, ips)| self.upsert(uid, ips))
     }
+    /// Uninstall: removes the host rule and the whole set (nothing when none was installed).
+    fn uninstall(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 /// No probe set (a host without kubelet probes, e.g. the local demo).

@@ -27,11 +27,6 @@ impl NftProbeSet {
         info!(kubelet_uid = ?cfg.kubelet_uid, "host probe SNAT installed");
         Ok(Self { inner })
     }
-
-    /// Removes the host table (uninstall).
-    pub fn uninstall(&self) -> Result<(), String> {
-        self.inner.remove().map_err(|e| e.to_string())
-    }
 }
 
 impl ProbeSet for NftProbeSet {
@@ -59,6 +54,11 @@ impl ProbeSet for NftProbeSet {
             info!(?pruned, "pruned probe-set entries of pods no longer held");
         }
         Ok(())
+    }
+
+    fn uninstall(&self) -> Result<(), String> {
+        // The same removal as `ambient-cni-agent uninstall`.
+        self.inner.remove().map_err(|e| e.to_string())
     }
 }
 

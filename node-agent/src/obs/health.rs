@@ -136,7 +136,14 @@ pub async fn serve_health(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), HttpError> {
     let listener = http::bind(addr).await?;
-    http::serve(listener, "health", handler(readiness), shutdown).await;
+    http::serve(
+        listener,
+        "health",
+        handler(readiness),
+        http::Limits::HEALTH,
+        shutdown,
+    )
+    .await;
     Ok(())
 }
 
@@ -183,9 +190,15 @@ mod tests {
         let listener = http::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(http::serve(listener, "health", handler(r.clone()), async {
-            let _ = stopped.await;
-        }));
+        let server = tokio::spawn(http::serve(
+            listener,
+            "health",
+            handler(r.clone()),
+            http::Limits::HEALTH,
+            async {
+                let _ = stopped.await;
+            },
+        ));
         let get = move |p: &'static str| {
             tokio::task::spawn_blocking(move || http::get(addr, p, Duration::from_secs(5)).unwrap())
         };

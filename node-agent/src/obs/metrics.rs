@@ -470,7 +470,14 @@ pub async fn serve_metrics(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), HttpError> {
     let listener = http::bind(addr).await?;
-    http::serve(listener, "metrics", handler(metrics), shutdown).await;
+    http::serve(
+        listener,
+        "metrics",
+        handler(metrics),
+        http::Limits::METRICS,
+        shutdown,
+    )
+    .await;
     Ok(())
 }
 
@@ -679,9 +686,15 @@ mod tests {
         let listener = http::bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let server = tokio::spawn(http::serve(listener, "metrics", handler(m), async {
-            let _ = stopped.await;
-        }));
+        let server = tokio::spawn(http::serve(
+            listener,
+            "metrics",
+            handler(m),
+            http::Limits::METRICS,
+            async {
+                let _ = stopped.await;
+            },
+        ));
         let raw = tokio::task::spawn_blocking(move || {
             use std::io::{Read, Write};
             let mut s = std::net::TcpStream::connect(addr).unwrap();

@@ -2,6 +2,7 @@
 //! port (`/metrics`), the small HTTP server behind both, and a strict reader of
 //! the exposition format.
 
+pub mod conns;
 pub mod expo;
 pub mod health;
 pub mod http;
@@ -12,7 +13,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 /// Binds the health and metrics ports (so a taken port fails the agent's start), then
-/// serves them on background tasks until the future made by `shutdown` resolves.
+/// serves them on background tasks until the future made by `shutdown` resolves. Two
+/// listeners with their own limits: nothing done to the metrics port reaches the probes.
 pub async fn start_servers<F>(
     health_addr: SocketAddr,
     metrics_addr: SocketAddr,
@@ -29,12 +31,14 @@ where
         h,
         "health",
         health::handler(readiness),
+        http::Limits::HEALTH,
         shutdown(),
     ));
     tokio::spawn(http::serve(
         m,
         "metrics",
         metrics::handler(metrics),
+        http::Limits::METRICS,
         shutdown(),
     ));
     Ok(())
