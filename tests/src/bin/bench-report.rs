@@ -256,8 +256,9 @@ fn node_section(image: &Path, results: &Path) -> String {
     let _ = writeln!(
         s,
         "Pod start through the kubelet (`node.sh`: kubelet v1.20.2, containerd 1.6, bridge CNI; \
-         our chart installed): created (API call) to Ready (the watch sees the condition; \
-         readiness probe every 1 s), {} mesh pods and {} plain pods alternating, one at a time. \
+         our chart installed): created (API call) to Ready (polled every 10 ms; \
+         no readiness probe, so Ready follows the container start, which the kubelet notices on \
+         its 1 s PLEG relist), {} mesh pods and {} plain pods alternating, one at a time. \
          Baseline: the plain pods of the same run (bridge + host-local + portmap, our plugin \
          passes them through).\n",
         v["pods_each"], v["pods_each"]
