@@ -123,6 +123,7 @@ if [ -z "$quick" ] && [ -d "$peers" ]; then
   if [ -n "${kube_started:-}" ]; then
     "$peers/kube.sh" stop --dir "$KUBE_PEER_DIR" >/dev/null; kube_started=
   fi
+  "$peers/node.sh" build >/dev/null   # built in the background above; 0 s when cached
   node_started=1
   node_kc=$("$peers/node.sh" start --node | tail -1)
   export NODE_KUBECONFIG=${node_kc#KUBECONFIG=}
