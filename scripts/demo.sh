@@ -6,6 +6,8 @@ cd "$(dirname "$0")/.."
 ./scripts/deps.sh
 cargo build --release --workspace --bins
 cargo build --release -p ambient-cni --target x86_64-unknown-linux-musl
-exec ./target/release/ambient-cni-agent demo \
+# The demo is a development tool (tests/ crate); it runs the agent as a child.
+exec ./target/release/ambient-cni-demo \
+  --agent "$PWD/target/release/ambient-cni-agent" \
   --plugin "$PWD/target/x86_64-unknown-linux-musl/release/ambient-cni" \
   --standin "$PWD/target/release/ztunnel-standin" "$@"

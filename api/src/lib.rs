@@ -22,3 +22,6 @@ pub mod admin {
     #![allow(missing_docs, clippy::all)]
     include!(concat!(env!("OUT_DIR"), "/ambient_cni.admin.v1.rs"));
 }
+
+/// The agent's decisions file, read by the plugin only when the agent does not answer.
+pub mod decisions;

@@ -2,15 +2,11 @@
 //!
 //! Arg ids defined here (do not define them again in a struct that flattens this one; read
 //! them from it instead): `cni_bin_dir`, `cni_conf_dir`, `cni_conf_name`, `plugin_binary`,
-//! `owned_conf`, `exclude_namespaces`, `agent_socket`, `agent_namespace`, `agent_pod_prefix`,
-//! `plugin_timeout_ms`, `plugin_log_level`.
+//! `owned_conf`, `exclude_namespaces`, `agent_socket`, `plugin_timeout_ms`, `plugin_log_level`.
 
 use std::path::{Path, PathBuf};
 
-use crate::entry::{
-    PluginEntry, DEFAULT_AGENT_NAMESPACE, DEFAULT_AGENT_POD_PREFIX, DEFAULT_AGENT_SOCKET,
-    PLUGIN_BINARY, PLUGIN_TYPE,
-};
+use crate::entry::{PluginEntry, DEFAULT_AGENT_SOCKET, PLUGIN_BINARY, PLUGIN_TYPE};
 use crate::error::InstallError;
 use crate::installer::{
     InstallConfig, InstallOutcome, Installer, UninstallOutcome, DEFAULT_OWNED_CONF,
@@ -46,12 +42,6 @@ pub struct InstallArgs {
     /// The agent's plugin socket.
     #[arg(long, env = "AGENT_SOCKET", default_value = DEFAULT_AGENT_SOCKET)]
     pub agent_socket: String,
-    /// Namespace of the agent's own pods (their sandboxes never wait for the agent).
-    #[arg(long, env = "POD_NAMESPACE", default_value = DEFAULT_AGENT_NAMESPACE)]
-    pub agent_namespace: String,
-    /// Name prefix of the agent's own pods.
-    #[arg(long, env = "AGENT_POD_PREFIX", default_value = DEFAULT_AGENT_POD_PREFIX)]
-    pub agent_pod_prefix: String,
     /// Plugin → agent timeout in milliseconds.
     #[arg(long, env = "PLUGIN_TIMEOUT_MS", default_value_t = crate::entry::DEFAULT_TIMEOUT_MS)]
     pub plugin_timeout_ms: u64,
@@ -97,8 +87,6 @@ impl InstallArgs {
             name: PLUGIN_TYPE.to_string(),
             agent_socket: self.agent_socket.clone(),
             exclude_namespaces: self.exclude_namespaces_list(),
-            agent_namespace: self.agent_namespace.clone(),
-            agent_pod_prefix: self.agent_pod_prefix.clone(),
             timeout_ms: self.plugin_timeout_ms,
             log_level: self.plugin_log_level.clone(),
         }

@@ -27,7 +27,18 @@ pub enum MergeError {
     /// JSON, but not a config the kubelet would load.
     #[error("not a usable CNI config: {0}")]
     Invalid(String),
+    /// Istio's own `istio-cni` plugin is chained already: two CNI agents would fight over
+    /// every pod.
+    #[error(
+        "Istio's istio-cni plugin is already chained in this config: remove istio-cni first \
+         (helm uninstall of its chart, or istioctl with components.cni.enabled=false), then \
+         install ambient-cni; see docs/migrating-from-istio-cni.md"
+    )]
+    IstioCniPresent,
 }
+
+/// The plugin type Istio's own CNI plugin registers.
+pub const ISTIO_CNI_TYPE: &str = "istio-cni";
 
 /// What kind of network config a file holds, by the kubelet's (libcni's) rules.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,6 +130,9 @@ pub fn entry_state(text: &str, entry: &PluginEntry) -> Result<EntryState, MergeE
 
 /// The conflist `text` with every entry of ours removed and `entry` appended last.
 pub fn insert(text: &str, entry: &PluginEntry) -> Result<String, MergeError> {
+    if plugin_types(text)?.iter().any(|t| t == ISTIO_CNI_TYPE) {
+        return Err(MergeError::IstioCniPresent);
+    }
     let text = remove(text)?;
     let (arr, elems) = plugins_array(&text)?;
     let Some(last) = elems.last() else {

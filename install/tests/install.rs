@@ -359,3 +359,36 @@ fn an_interrupted_conversion_is_finished_and_a_foreign_conflist_is_not_clobbered
         "{e}"
     );
 }
+
+#[test]
+fn a_conflist_that_chains_istio_cni_is_refused_until_it_is_removed() {
+    let node = Node::new("istio-cni");
+    let before = node.snapshot();
+    let err = node.installer(None).install_once().unwrap_err().to_string();
+    assert!(
+        err.contains("10-calico.conflist") && err.contains("istio-cni") && err.contains("remove"),
+        "{err}"
+    );
+    assert_eq!(
+        node.snapshot(),
+        before,
+        "nothing written while istio-cni is chained"
+    );
+
+    // What uninstalling istio-cni leaves: the primary's entries only. Then we chain.
+    let text = node.read("10-calico.conflist");
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["plugins"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|p| p["type"] != "istio-cni");
+    node.write(
+        "10-calico.conflist",
+        &serde_json::to_string_pretty(&v).unwrap(),
+    );
+    node.installer(None).install_once().unwrap();
+    assert_eq!(
+        merge::plugin_types(&node.read("10-calico.conflist")).unwrap(),
+        ["calico", "portmap", "ambient-cni"]
+    );
+}

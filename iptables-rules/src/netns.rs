@@ -7,7 +7,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use nix::sched::{setns, CloneFlags};
@@ -31,6 +31,14 @@ pub enum NetnsError {
     NotNsfs {
         /// The netns path.
         path: PathBuf,
+    },
+    /// The path is a namespace file of another kind (mount, pid, user, ...).
+    #[error("netns {path}: not a network namespace (a {kind} namespace)")]
+    WrongKind {
+        /// The netns path.
+        path: PathBuf,
+        /// The namespace kind the kernel reports.
+        kind: &'static str,
     },
     /// The path is the host's own network namespace.
     #[error("netns {path}: refusing the host network namespace")]
@@ -80,16 +88,35 @@ pub struct Netns {
 }
 
 impl Netns {
-    /// Opens a netns path, checking it is an nsfs file and not `host` (when given).
+    /// Opens a netns path, checking it is a network namespace file and not `host` (when given).
+    ///
+    /// Never blocks and never opens a device: anything but a regular file is refused
+    /// before `open` (a FIFO would block, a device open can have effects), and the open
+    /// itself is `O_NONBLOCK` against a swap between the check and the open.
     pub fn open(path: &Path, host: Option<NsId>) -> Result<Self, NetnsError> {
-        let file = File::open(path).map_err(|source| NetnsError::Open {
+        let open_err = |source| NetnsError::Open {
             path: path.to_owned(),
             source,
-        })?;
+        };
+        // nsfs files stat as regular (empty) files.
+        if !std::fs::metadata(path).map_err(open_err)?.is_file() {
+            return Err(NetnsError::NotNsfs {
+                path: path.to_owned(),
+            });
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(open_err)?;
         let ns = Self::from_fd(OwnedFd::from(file), path.display().to_string()).map_err(
             |e| match e {
                 NetnsError::NotNsfs { .. } => NetnsError::NotNsfs {
                     path: path.to_owned(),
+                },
+                NetnsError::WrongKind { kind, .. } => NetnsError::WrongKind {
+                    path: path.to_owned(),
+                    kind,
                 },
                 other => other,
             },
@@ -102,7 +129,8 @@ impl Netns {
         Ok(ns)
     }
 
-    /// Wraps an already-open fd (e.g. received over a socket), checking it is nsfs.
+    /// Wraps an already-open fd (e.g. received over a socket), checking it is a
+    /// network namespace (nsfs, and `NS_GET_NSTYPE` says `CLONE_NEWNET`).
     pub fn from_fd(fd: OwnedFd, label: impl Into<String>) -> Result<Self, NetnsError> {
         let label = label.into();
         let st = nix::sys::statfs::fstatfs(&fd).map_err(|e| NetnsError::Open {
@@ -112,6 +140,16 @@ impl Netns {
         if st.filesystem_type().0 as i64 != NSFS_MAGIC {
             return Err(NetnsError::NotNsfs {
                 path: PathBuf::from(&label),
+            });
+        }
+        let kind = ns_type(&fd).map_err(|source| NetnsError::Open {
+            path: PathBuf::from(&label),
+            source,
+        })?;
+        if kind != libc::CLONE_NEWNET {
+            return Err(NetnsError::WrongKind {
+                path: PathBuf::from(&label),
+                kind: ns_kind_name(kind),
             });
         }
         let file = File::from(fd);
@@ -198,6 +236,34 @@ impl AsRawFd for Netns {
     }
 }
 
+/// `NS_GET_NSTYPE` (linux/nsfs.h: `_IO(0xb7, 0x3)`): the `CLONE_NEW*` flag of an nsfs fd.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb7 << 8 | 0x3;
+
+/// The namespace kind of an nsfs fd, as its `CLONE_NEW*` flag.
+fn ns_type(fd: &OwnedFd) -> std::io::Result<libc::c_int> {
+    // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if rc < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(rc)
+    }
+}
+
+/// A readable name of a `CLONE_NEW*` namespace kind, for errors.
+fn ns_kind_name(kind: libc::c_int) -> &'static str {
+    match kind {
+        libc::CLONE_NEWNS => "mount",
+        libc::CLONE_NEWPID => "pid",
+        libc::CLONE_NEWUSER => "user",
+        libc::CLONE_NEWUTS => "uts",
+        libc::CLONE_NEWIPC => "ipc",
+        libc::CLONE_NEWCGROUP => "cgroup",
+        0x80 => "time",
+        _ => "unknown",
+    }
+}
+
 /// Body of the worker thread: this thread is never reused, so even a failed
 /// restore cannot leak the pod's netns into other work. The restore only matters
 /// for thread-local state the closure's destructors might touch.
@@ -232,6 +298,50 @@ mod tests {
         let err = Netns::open(&dir, None).unwrap_err();
         assert!(matches!(err, NetnsError::NotNsfs { .. }), "{err}");
         std::fs::remove_file(&dir).unwrap();
+    }
+
+    /// Nothing that is not a network namespace file blocks or gets through: each is
+    /// refused with an error naming the path, well within 100 ms.
+    #[test]
+    fn refuses_everything_but_a_netns_quickly() {
+        let dir = std::env::temp_dir().join(format!("netns-kinds-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let fifo = dir.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let file = dir.join("file");
+        std::fs::write(&file, b"x").unwrap();
+        let host = Netns::host_id(Path::new("/proc")).unwrap();
+        type Case<'a> = (&'a Path, fn(&NetnsError) -> bool);
+        let cases: [Case<'_>; 8] = [
+            (&fifo, |e| matches!(e, NetnsError::NotNsfs { .. })),
+            (&dir, |e| matches!(e, NetnsError::NotNsfs { .. })),
+            (&file, |e| matches!(e, NetnsError::NotNsfs { .. })),
+            (Path::new("/dev/zero"), |e| {
+                matches!(e, NetnsError::NotNsfs { .. })
+            }),
+            (Path::new("/proc/self/ns/mnt"), |e| {
+                matches!(e, NetnsError::WrongKind { kind: "mount", .. })
+            }),
+            (Path::new("/proc/self/ns/pid"), |e| {
+                matches!(e, NetnsError::WrongKind { kind: "pid", .. })
+            }),
+            (Path::new("/proc/self/ns/user"), |e| {
+                matches!(e, NetnsError::WrongKind { kind: "user", .. })
+            }),
+            (Path::new("/proc/self/ns/net"), |e| {
+                matches!(e, NetnsError::HostNetns { .. })
+            }),
+        ];
+        for (path, want) in cases {
+            let started = std::time::Instant::now();
+            let err = Netns::open(path, Some(host)).unwrap_err();
+            let took = started.elapsed();
+            assert!(want(&err), "{}: {err}", path.display());
+            assert!(err.to_string().contains(&*path.to_string_lossy()), "{err}");
+            assert!(took < std::time::Duration::from_millis(100), "{took:?}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

@@ -53,8 +53,6 @@ pub enum Command {
         #[arg(long, env = "RUN_DIR", default_value = "/var/run/ambient-cni")]
         run_dir: PathBuf,
     },
-    /// Run the local demo (real netns pods, the real CNI chain, the agent, a ztunnel stand-in).
-    Demo(crate::cmd::demo::DemoArgs),
 }
 
 /// Logging flags shared by the daemon and the tools.
@@ -94,8 +92,8 @@ pub struct RunArgs {
     /// This node's name (downward API).
     #[arg(long, env = "NODE_NAME")]
     pub node_name: String,
-    /// Installer settings; also the plugin socket (`--agent-socket`), the agent's
-    /// namespace (`POD_NAMESPACE`) and `EXCLUDE_NAMESPACES`, shared with the plugin's entry.
+    /// Installer settings; also the plugin socket (`--agent-socket`) and
+    /// `EXCLUDE_NAMESPACES`, shared with the plugin's entry.
     #[command(flatten)]
     pub install: ambient_cni_install::cli::InstallArgs,
     /// Run the installer (copy the plugin, chain it into the CNI config, repair it).
@@ -105,9 +103,18 @@ pub struct RunArgs {
     /// (keep the plugin), gone or being deleted = uninstall (remove it). Empty: always keep.
     #[arg(long, env = "DAEMONSET_NAME", default_value = "ambient-cni-node")]
     pub daemonset_name: String,
+    /// The agent's own namespace (downward API), where its DaemonSet is.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    pub pod_namespace: String,
     /// The agent's state directory (netns records survive agent restarts here).
     #[arg(long, env = "RUN_DIR", default_value = "/var/run/ambient-cni")]
     pub run_dir: PathBuf,
+    /// How often the decisions file beside the plugin socket is rewritten at the latest
+    /// (it is also rewritten on every change); keep it well under the plugin's
+    /// `decisions_max_age_s` (600 s by default).
+    #[arg(long, env = "DECISIONS_REFRESH_SECONDS", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub decisions_refresh_seconds: u64,
     /// The ZDS socket ztunnel connects to.
     #[arg(
         long,
@@ -140,6 +147,13 @@ pub struct RunArgs {
         default_value = "fd16:9254:7127:1337:ffff:ffff:ffff:ffff"
     )]
     pub host_probe_snat_ipv6: Ipv6Addr,
+    /// The uid ztunnel runs as: the only peer the ZDS socket accepts (it hands out
+    /// every held pod's netns).
+    #[arg(long, env = "ZTUNNEL_UID", default_value_t = 0)]
+    pub ztunnel_uid: u32,
+    /// The kubelet's uid for the host probe SNAT; found in the host /proc when unset.
+    #[arg(long, env = "KUBELET_UID")]
+    pub kubelet_uid: Option<u32>,
     /// Where ztunnel runs (its pods are never captured).
     #[arg(long, env = "SYSTEM_NAMESPACE", default_value = "istio-system")]
     pub system_namespace: String,
@@ -159,4 +173,48 @@ pub struct RunArgs {
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(extra: &[&str]) -> Result<RunArgs, clap::Error> {
+        let mut argv = vec!["ambient-cni-agent", "run", "--node-name", "n"];
+        argv.extend_from_slice(extra);
+        match Cli::try_parse_from(argv)?.command {
+            Command::Run(a) => Ok(*a),
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn health_and_metrics_bind_loopback_the_node_ip_or_everything() {
+        let a = run_args(&[]).unwrap();
+        assert_eq!(a.health_addr.to_string(), "0.0.0.0:8000");
+        assert_eq!(a.metrics_addr.to_string(), "0.0.0.0:15014");
+        for addr in [
+            "127.0.0.1:8000",
+            "10.1.2.3:8000",
+            "[::1]:8000",
+            "[fd00::7]:8000",
+        ] {
+            let a = run_args(&["--health-addr", addr, "--metrics-addr", addr]).unwrap();
+            assert_eq!(a.health_addr.to_string(), addr);
+            assert_eq!(a.metrics_addr.to_string(), addr);
+        }
+        // An address, not a name (nothing is resolved), and a port is required.
+        for bad in ["localhost:8000", "127.0.0.1", ":8000"] {
+            let e = run_args(&["--health-addr", bad]).unwrap_err();
+            assert!(e.to_string().contains("--health-addr"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_daemonset_read_at_stop_is_ours_unless_told() {
+        assert_eq!(run_args(&[]).unwrap().daemonset_name, "ambient-cni-node");
+        let a = run_args(&["--daemonset-name", "", "--pod-namespace", "mesh"]).unwrap();
+        assert_eq!(a.daemonset_name, "");
+        assert_eq!(a.pod_namespace, "mesh");
+    }
 }

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod cli;
 pub mod cmd;
+pub mod decisions;
 pub mod discovery;
 pub mod inpod;
 pub mod logging;
@@ -50,6 +51,5 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
             }
         }
         Command::LogLevel { level, run_dir } => admin::set_log_level(&run_dir, &level),
-        Command::Demo(args) => cmd::demo::run(args),
     }
 }

@@ -1,6 +1,7 @@
 //! Log setup: text or JSON lines on stderr, level from flag/env (`RUST_LOG` syntax),
 //! changeable at run time (the admin API's SetLogLevel).
 
+use std::io::IsTerminal;
 use std::sync::{Mutex, OnceLock};
 
 use tracing_subscriber::layer::SubscriberExt;
@@ -30,8 +31,13 @@ pub fn init(level: &str, format: LogFormat) -> anyhow::Result<()> {
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
     let res = match format {
+        // Colour only on a terminal: a log file or the kubelet's log capture gets plain text.
         LogFormat::Text => registry
-            .with(fmt::layer().with_writer(std::io::stderr))
+            .with(
+                fmt::layer()
+                    .with_ansi(std::io::stderr().is_terminal())
+                    .with_writer(std::io::stderr),
+            )
             .try_init(),
         LogFormat::Json => registry
             .with(

@@ -106,10 +106,6 @@ pub struct Policy {
     pub exclude_namespaces: Vec<String>,
     /// Where ztunnel runs (`SYSTEM_NAMESPACE`).
     pub system_namespace: String,
-    /// The agent's own namespace and pod-name prefix.
-    pub agent_namespace: String,
-    /// The agent's pod-name prefix.
-    pub agent_pod_prefix: String,
     /// Global options (DNS capture, IPv6, probe SNAT addresses); pods may override some.
     pub inpod: InpodConfig,
 }
@@ -121,8 +117,6 @@ impl Default for Policy {
             selectors: parse_selectors("").unwrap_or_default(),
             exclude_namespaces: vec!["kube-system".into()],
             system_namespace: "istio-system".into(),
-            agent_namespace: "istio-system".into(),
-            agent_pod_prefix: "ambient-cni-node-".into(),
             inpod: InpodConfig::default(),
         }
     }
@@ -141,8 +135,6 @@ pub enum Skip {
     Terminal,
     /// A ztunnel pod.
     Ztunnel,
-    /// One of the agent's own pods.
-    Agent,
     /// No enablement selector matches.
     NotSelected,
 }
@@ -155,7 +147,6 @@ impl std::fmt::Display for Skip {
             Self::ExcludedNamespace => "namespace is excluded",
             Self::Terminal => "pod has terminated",
             Self::Ztunnel => "ztunnel pod",
-            Self::Agent => "ambient-cni agent pod",
             Self::NotSelected => "no enablement selector matches (labels)",
         })
     }
@@ -183,9 +174,8 @@ impl Policy {
         {
             return Err(Skip::Ztunnel);
         }
-        if id.namespace == self.agent_namespace && id.name.starts_with(&self.agent_pod_prefix) {
-            return Err(Skip::Agent);
-        }
+        // The agent's own pods get no exemption: they run with hostNetwork (never reach
+        // CNI, refused above), so a name-based one would only be a capture bypass.
         let everything = LabelSelector::default();
         let selected = self.selectors.iter().any(|s| {
             selector_matches(s.pod_selector.as_ref().unwrap_or(&everything), &labels)
@@ -199,6 +189,21 @@ impl Policy {
         } else {
             Err(Skip::NotSelected)
         }
+    }
+
+    /// Whether no pod of a namespace with `labels` can be in the mesh, whatever the pod's
+    /// own labels: excluded, or every selector entry's namespace selector refuses it. With
+    /// Istio's default selectors this never holds for a non-excluded namespace (a pod labelled
+    /// `istio.io/dataplane-mode=ambient` is selected in any namespace).
+    pub fn namespace_excludes_all(&self, name: &str, labels: &BTreeMap<String, String>) -> bool {
+        if self.exclude_namespaces.iter().any(|n| n == name) {
+            return true;
+        }
+        let everything = LabelSelector::default();
+        !self
+            .selectors
+            .iter()
+            .any(|s| selector_matches(s.namespace_selector.as_ref().unwrap_or(&everything), labels))
     }
 
     /// Whether a namespace label change can change any pod's verdict (some non-empty
@@ -340,15 +345,19 @@ mod tests {
             (done, Skip::Terminal),
             (failed, Skip::Terminal),
             (zt, Skip::Ztunnel),
-            (base("istio-system", "ambient-cni-node-x1"), Skip::Agent),
         ];
         for (v, want) in cases {
             assert_eq!(p.evaluate(&pod(v.clone()), &ns), Err(want), "{v}");
         }
-        // Not ztunnel outside the system namespace, not the agent with another prefix.
+        // Not ztunnel outside the system namespace.
         let mut other = base("shop", "ztunnel-abc");
         other["metadata"]["labels"] = json!({"app": "ztunnel"});
         assert_eq!(p.evaluate(&pod(other), &ns), Ok(()));
+        // The agent's pod name is no exemption (its pods run with hostNetwork).
+        assert_eq!(
+            p.evaluate(&pod(base("istio-system", "ambient-cni-node-x1")), &ns),
+            Ok(())
+        );
         assert_eq!(
             p.evaluate(&pod(base("istio-system", "istiod-1")), &ns),
             Ok(())
@@ -402,6 +411,51 @@ mod tests {
             parse_selectors("- podSelector: {matchExpressions: [{key: a, operator: In}]}").is_err()
         );
         assert!(parse_selectors("{not: a list}").is_err());
+    }
+
+    #[test]
+    fn namespaces_that_exclude_every_pod() {
+        let ambient = labels(&[(DATAPLANE_MODE, "ambient")]);
+        let none = labels(&[(DATAPLANE_MODE, "none")]);
+        let plain = labels(&[]);
+        let only_ns = Policy {
+            selectors: parse_selectors(
+                "- namespaceSelector: {matchLabels: {istio.io/dataplane-mode: ambient}}",
+            )
+            .unwrap(),
+            ..Policy::default()
+        };
+        let empty_entry = Policy {
+            selectors: parse_selectors("- {}").unwrap(),
+            ..Policy::default()
+        };
+        let nothing = Policy {
+            selectors: parse_selectors("[]").unwrap(),
+            ..Policy::default()
+        };
+        let default = Policy::default();
+        let cases = [
+            // (policy, namespace, labels, excludes every pod)
+            (&default, "kube-system", &ambient, true),
+            // The default's podSelector-only entry selects a labelled pod in any namespace.
+            (&default, "shop", &plain, false),
+            (&default, "shop", &none, false),
+            (&default, "shop", &ambient, false),
+            (&only_ns, "shop", &plain, true),
+            (&only_ns, "shop", &none, true),
+            (&only_ns, "shop", &ambient, false),
+            (&only_ns, "kube-system", &ambient, true),
+            (&empty_entry, "shop", &plain, false),
+            (&nothing, "shop", &ambient, true),
+        ];
+        for (p, name, l, want) in cases {
+            assert_eq!(
+                p.namespace_excludes_all(name, l),
+                want,
+                "{name} {l:?} {:?}",
+                p.selectors
+            );
+        }
     }
 
     #[test]

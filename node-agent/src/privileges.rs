@@ -14,9 +14,14 @@ pub const KEEP: [Capability; 5] = [
     Capability::CAP_DAC_OVERRIDE,
 ];
 
-/// Drops every other capability from the bounding, inheritable, effective and
-/// permitted sets (so exec'd helpers such as iptables get no more), and logs the result.
+/// Sets `no_new_privs` (nothing the agent execs, e.g. iptables, can gain privileges
+/// through setuid bits or file capabilities), then drops every other capability from
+/// the bounding, inheritable, effective and permitted sets, and logs the result.
 pub fn drop_unneeded() -> anyhow::Result<()> {
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integer arguments and touches no memory.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        anyhow::bail!("set no_new_privs: {}", std::io::Error::last_os_error());
+    }
     let keep: CapsHashSet = KEEP.into_iter().collect();
     let have = caps::read(None, CapSet::Permitted)
         .map_err(|e| anyhow::anyhow!("read capabilities: {e}"))?;

@@ -40,8 +40,6 @@ pub fn policy_from(args: &RunArgs) -> anyhow::Result<Policy> {
             .map_err(anyhow::Error::msg)?,
         exclude_namespaces: args.install.exclude_namespaces_list(),
         system_namespace: args.system_namespace.clone(),
-        agent_namespace: args.install.agent_namespace.clone(),
-        agent_pod_prefix: args.install.agent_pod_prefix.clone(),
         inpod: InpodConfig {
             dns_capture: args.ambient_dns_capture,
             ipv6: args.ambient_ipv6,
@@ -71,7 +69,8 @@ pub fn redirector_from(choice: BackendChoice) -> anyhow::Result<Redirector> {
 
 /// The host probe set: native nf_tables keyed on the kubelet's uid; none on a host without a kubelet.
 fn host_probes(args: &RunArgs) -> Arc<dyn crate::mesh::hooks::ProbeSet> {
-    let Some(uid) = crate::mesh::host_probe::kubelet_uid(&args.host_proc) else {
+    let found = || crate::mesh::host_probe::kubelet_uid(&args.host_proc);
+    let Some(uid) = args.kubelet_uid.or_else(found) else {
         warn!("no kubelet process found: host probe SNAT not installed (kubelet probes to mesh pods would be redirected)");
         return Arc::new(NoProbeSet);
     };
@@ -162,6 +161,12 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     // The plugin socket opens first: until state is rebuilt it answers "try again".
     let socket = std::path::PathBuf::from(&args.install.agent_socket);
     let listener = plugin_server::bind(&socket)?;
+    crate::decisions::start(
+        &controller,
+        &socket,
+        std::time::Duration::from_secs(args.decisions_refresh_seconds),
+        &metrics,
+    );
     readiness.set(crate::obs::health::PLUGIN_SOCKET_SERVING, true);
     let uid = nix::unistd::geteuid().as_raw();
     let plugin = tokio::spawn(plugin_server::serve(
@@ -181,7 +186,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     });
     let ctl = controller.clone();
     let zds_path = args.ztunnel_uds_address.clone();
-    let control = tokio::spawn(async move { ctl.start(zds_path).await });
+    let zds_cfg = crate::inpod::zds::config::ZdsConfig {
+        allowed_uid: args.ztunnel_uid,
+        ..Default::default()
+    };
+    let control = tokio::spawn(async move { ctl.start(zds_path, zds_cfg).await });
 
     // Then the CNI config (Istio's order): the kubelet only chains us once we can answer.
     let install_ready = Arc::new(std::sync::atomic::AtomicBool::new(!args.install_cni));
@@ -244,7 +253,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     }
     let mode = if signalled {
         let name = Some(args.daemonset_name.as_str()).filter(|n| !n.is_empty());
-        crate::stop_mode::at_stop(stop_client, &args.install.agent_namespace, name).await
+        crate::stop_mode::at_stop(stop_client, &args.pod_namespace, name).await
     } else {
         ambient_cni_install::ShutdownMode::Upgrade
     };

@@ -70,9 +70,9 @@ async fn redirection_annotation_is_merge_patched_on_pods_status() {
     assert_eq!(
         bodies,
         [
-            r#"{"metadata":{"annotations":{"ambient.istio.io/redirection":"pending"}}}"#,
-            r#"{"metadata":{"annotations":{"ambient.istio.io/redirection":"enabled"}}}"#,
-            r#"{"metadata":{"annotations":{"ambient.istio.io/redirection":null}}}"#,
+            r#"{"metadata":{"annotations":{"ambient.istio.io/redirection":"pending"},"uid":"uid-web"}}"#,
+            r#"{"metadata":{"annotations":{"ambient.istio.io/redirection":"enabled"},"uid":"uid-web"}}"#,
+            r#"{"metadata":{"annotations":{"ambient.istio.io/redirection":null},"uid":"uid-web"}}"#,
         ]
     );
 }
@@ -87,6 +87,35 @@ async fn removing_from_a_deleted_pod_is_fine_setting_is_not() {
     let err = w.set(&id("gone"), Some("enabled")).await.unwrap_err();
     assert!(err.contains("demo/gone"), "{err}");
     assert_eq!(patches(&api).len(), 2);
+}
+
+/// A late write for a pod that was deleted and re-created under the same name (a
+/// StatefulSet pod) carries the old UID: refused, the successor is untouched.
+#[tokio::test]
+async fn a_late_patch_never_lands_on_a_same_named_successor() {
+    let api = with_pod().await;
+    let w = KubeStatus::new(api.client());
+    let old = PodId {
+        uid: "uid-web-before".into(),
+        ..id("web")
+    };
+    let err = w.set(&old, Some("enabled")).await.unwrap_err();
+    assert!(
+        err.contains("demo/web") && err.contains("another uid"),
+        "{err}"
+    );
+    w.set(&old, None)
+        .await
+        .expect("removing the mark of a replaced pod is done");
+    let stored = api.get("pods", "demo/web").unwrap();
+    assert_eq!(stored["metadata"]["annotations"], json!({"keep": "me"}));
+    // The pod itself is still written.
+    w.set(&id("web"), Some("enabled")).await.unwrap();
+    let stored = api.get("pods", "demo/web").unwrap();
+    assert_eq!(
+        stored["metadata"]["annotations"]["ambient.istio.io/redirection"],
+        "enabled"
+    );
 }
 
 #[tokio::test]

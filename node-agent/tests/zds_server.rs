@@ -30,6 +30,8 @@ fn fast() -> ZdsConfig {
         write_timeout: Duration::from_millis(500),
         ack_timeout: Duration::from_millis(500),
         accept_interval: Duration::from_millis(1),
+        // The test's own uid is the "ztunnel" (no root needed).
+        allowed_uid: nix::unistd::geteuid().as_raw(),
         ..ZdsConfig::default()
     }
 }
@@ -333,6 +335,67 @@ async fn silent_and_chatty_clients_are_dropped() {
         srv.connections() == 0
     })
     .await;
+    srv.shutdown().await;
+    cleanup(srv.path());
+}
+
+#[tokio::test]
+async fn a_hello_without_a_version_is_refused() {
+    let srv = serve("v0", Arc::new(State::default()), fast());
+    let c = Client::connect_silent(srv.path()).await;
+    // Field 1 (version) explicitly 0: protobuf's unset value.
+    c.send(&[0x08, 0x00]).await;
+    assert!(c.closed_within(Duration::from_secs(2)).await);
+    assert_eq!(srv.connections(), 0);
+    srv.shutdown().await;
+    cleanup(srv.path());
+}
+
+/// A peer of another uid that can reach the socket (here: made world-writable, as
+/// `DAC_OVERRIDE` would) is closed on without a single message: no snapshot, no fds.
+#[tokio::test]
+async fn a_peer_of_another_uid_gets_nothing() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(std::env::var_os("CI").is_none(), "CI runs as root");
+        eprintln!("skipped: needs root to connect as another uid");
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let ns = Arc::new(own_netns());
+    let state = Arc::new(State::default());
+    *state.0.lock().unwrap() = vec![SnapshotEntry {
+        uid: "u0".into(),
+        info: info("p0"),
+        netns: Some(ns),
+    }];
+    let srv = serve(
+        "uid",
+        state,
+        ZdsConfig {
+            allowed_uid: 0,
+            ..fast()
+        },
+    );
+    let path = srv.path().to_owned();
+    for (p, mode) in [(path.parent().unwrap(), 0o755), (path.as_path(), 0o666)] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+    let got = tokio::task::spawn_blocking(move || {
+        // A thread of its own, and the raw syscall (not libc's process-wide
+        // setresuid): only this thread becomes uid 65534.
+        std::thread::spawn(move || {
+            // SAFETY: changes the credentials of the calling thread only.
+            let rc = unsafe { libc::syscall(libc::SYS_setresuid, 65534, 65534, 65534) };
+            assert_eq!(rc, 0, "setresuid: {}", std::io::Error::last_os_error());
+            zds_support::blocking_hello_then_read(&path, Duration::from_secs(2))
+        })
+        .join()
+        .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, 0, "the server closed without sending anything");
+    assert_eq!(srv.connections(), 0);
     srv.shutdown().await;
     cleanup(srv.path());
 }

@@ -5,8 +5,10 @@ use ambient_cni_api::plugin as pb;
 /// Why an agent exchange failed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AgentError {
-    /// The agent could not be reached (socket missing, refused).
+    /// The agent could not be reached (socket missing, refused): it does not answer.
     Unavailable(String),
+    /// The agent answered that it cannot take the pod now (starting, no ztunnel): retry.
+    Busy(String),
     /// The agent did not answer within the time budget.
     Timeout(u64),
     /// The agent answered with an error (e.g. ztunnel nacked the pod).
@@ -19,6 +21,7 @@ impl std::fmt::Display for AgentError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Unavailable(e) => write!(f, "node agent unreachable: {e}"),
+            Self::Busy(e) => write!(f, "node agent cannot take the pod now: {e}"),
             Self::Timeout(ms) => write!(f, "node agent did not answer within {ms} ms"),
             Self::Refused(e) => write!(f, "node agent refused: {e}"),
             Self::Protocol(e) => write!(f, "node agent protocol error: {e}"),
@@ -38,4 +41,12 @@ pub trait Agent {
     fn status(&self, req: pb::StatusRequest) -> Result<pb::StatusResponse, AgentError>;
     /// GC.
     fn gc(&self, req: pb::GcRequest) -> Result<pb::GcResponse, AgentError>;
+    /// The agent's decisions file; read only when the agent does not answer.
+    fn decisions(&self) -> Result<Vec<u8>, String> {
+        Err("no decisions file".into())
+    }
+    /// Counts one fallback where the agent will see it (best effort; `pass_through` or failed closed).
+    fn record_fallback(&self, _pass_through: bool) -> Result<(), String> {
+        Ok(())
+    }
 }

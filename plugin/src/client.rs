@@ -4,8 +4,10 @@
 //! (connect + HTTP/2 handshake + call) is bounded by `timeout_ms`.
 
 use std::future::Future;
+use std::path::Path;
 use std::time::Duration;
 
+use ambient_cni_api::decisions;
 use ambient_cni_api::plugin as pb;
 use ambient_cni_api::plugin::plugin_client::PluginClient;
 use hyper_util::rt::TokioIo;
@@ -105,11 +107,12 @@ fn classify_status(s: tonic::Status) -> AgentError {
     let msg = s.message().to_owned();
     match s.code() {
         // Retryable: the agent is up but cannot take the pod now (e.g. no ztunnel).
+        // An answer, so never a reason to fall back on the decisions file.
         Code::Unavailable
         | Code::ResourceExhausted
         | Code::Aborted
         | Code::DeadlineExceeded
-        | Code::Cancelled => AgentError::Unavailable(msg),
+        | Code::Cancelled => AgentError::Busy(msg),
         // Our agent never answers these on purpose: a broken or foreign peer.
         Code::Unknown | Code::Internal | Code::Unimplemented | Code::DataLoss => {
             AgentError::Protocol(format!("{:?}: {msg}", s.code()))
@@ -133,5 +136,18 @@ impl Agent for GrpcAgent {
     }
     fn gc(&self, req: pb::GcRequest) -> Result<pb::GcResponse, AgentError> {
         self.exchange(|mut c| async move { c.gc(req).await })
+    }
+    fn decisions(&self) -> Result<Vec<u8>, String> {
+        let path = decisions::file_beside(Path::new(&self.socket));
+        crate::local_files::read_trusted(&path, decisions::MAX_BYTES)
+    }
+    fn record_fallback(&self, pass_through: bool) -> Result<(), String> {
+        let byte = if pass_through {
+            decisions::FALLBACK_PASS_THROUGH
+        } else {
+            decisions::FALLBACK_FAIL_CLOSED
+        };
+        let path = decisions::fallbacks_beside(Path::new(&self.socket));
+        crate::local_files::append_byte(&path, byte, decisions::MAX_FALLBACKS_BYTES)
     }
 }

@@ -12,6 +12,12 @@ pub const MAX_STDIN: usize = 1 << 20;
 pub const DEFAULT_AGENT_SOCKET: &str = "/var/run/ambient-cni/plugin.sock";
 /// Default time budget for one agent exchange.
 pub const DEFAULT_TIMEOUT_MS: u64 = 5000;
+/// Default age beyond which the agent's decisions file is not trusted (10 minutes: longer
+/// than an agent upgrade or a crash-loop backoff, short enough that a namespace labelled
+/// while the agent is down is not treated as plain for long).
+pub const DEFAULT_DECISIONS_MAX_AGE_S: u64 = 600;
+/// Largest `decisions_max_age_s` accepted (one day).
+pub const MAX_DECISIONS_MAX_AGE_S: u64 = 86_400;
 
 /// Log levels of the plugin (stderr only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -56,14 +62,14 @@ pub struct NetConf {
     pub agent_socket: String,
     /// `exclude_namespaces`.
     pub exclude_namespaces: Vec<String>,
-    /// `agent_namespace`.
-    pub agent_namespace: String,
-    /// `agent_pod_prefix`.
-    pub agent_pod_prefix: String,
     /// `timeout_ms`.
     pub timeout_ms: u64,
     /// `log_level`.
     pub log_level: LogLevel,
+    /// `status_requires_agent`: STATUS fails (50) while the agent is down or not ready.
+    pub status_requires_agent: bool,
+    /// `decisions_max_age_s`: how old the agent's decisions file may be (0: never used).
+    pub decisions_max_age_s: u64,
     /// The whole object (GC reads `cni.dev/valid-attachments` from it).
     pub raw: Map<String, Value>,
 }
@@ -81,6 +87,17 @@ fn string_key(obj: &Map<String, Value>, key: &str, default: &str) -> Result<Stri
         Some(other) => Err(CniError::new(
             INVALID_CONFIG,
             format!("{key} must be a string, got {other}"),
+        )),
+    }
+}
+
+fn bool_key(obj: &Map<String, Value>, key: &str, default: bool) -> Result<bool, CniError> {
+    match obj.get(key) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(other) => Err(CniError::new(
+            INVALID_CONFIG,
+            format!("{key} must be true or false, got {other}"),
         )),
     }
 }
@@ -166,6 +183,20 @@ impl NetConf {
                 }
             },
         };
+        let decisions_max_age_s = match obj.get("decisions_max_age_s") {
+            None | Some(Value::Null) => DEFAULT_DECISIONS_MAX_AGE_S,
+            Some(v) => match v.as_u64() {
+                Some(s) if s <= MAX_DECISIONS_MAX_AGE_S => s,
+                _ => {
+                    return Err(CniError::new(
+                        INVALID_CONFIG,
+                        format!(
+                            "decisions_max_age_s must be an integer from 0 to {MAX_DECISIONS_MAX_AGE_S}, got {v}"
+                        ),
+                    ))
+                }
+            },
+        };
         let level = string_key(&obj, "log_level", "info")?;
         let log_level = LogLevel::parse(&level)
             .ok_or_else(|| CniError::new(INVALID_CONFIG, format!("unknown log_level {level:?}")))?;
@@ -180,10 +211,10 @@ impl NetConf {
             prev_result: obj.get("prevResult").filter(|v| !v.is_null()).cloned(),
             agent_socket,
             exclude_namespaces,
-            agent_namespace: string_key(&obj, "agent_namespace", "istio-system")?,
-            agent_pod_prefix: string_key(&obj, "agent_pod_prefix", "ambient-cni-node-")?,
             timeout_ms,
             log_level,
+            status_requires_agent: bool_key(&obj, "status_requires_agent", false)?,
+            decisions_max_age_s,
             raw: obj,
         })
     }
@@ -202,9 +233,9 @@ mod tests {
         let c = parse(r#"{"cniVersion":"1.0.0","name":"k8s","type":"ambient-cni"}"#).unwrap();
         assert_eq!(c.agent_socket, DEFAULT_AGENT_SOCKET);
         assert_eq!(c.exclude_namespaces, vec!["kube-system"]);
-        assert_eq!(c.agent_namespace, "istio-system");
-        assert_eq!(c.agent_pod_prefix, "ambient-cni-node-");
         assert_eq!(c.timeout_ms, 5000);
+        assert!(!c.status_requires_agent);
+        assert_eq!(c.decisions_max_age_s, 600);
         assert_eq!(c.log_level, LogLevel::Info);
         assert!(c.prev_result.is_none());
     }
@@ -216,6 +247,31 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.name, "n");
+    }
+
+    #[test]
+    fn keys_of_older_installers_are_accepted_and_ignored() {
+        // `agent_namespace`/`agent_pod_prefix` were written by installers before issue 15.
+        let c = parse(
+            r#"{"cniVersion":"1.0.0","name":"n","type":"ambient-cni","agent_namespace":"istio-system","agent_pod_prefix":"ambient-cni-node-"}"#,
+        )
+        .unwrap();
+        assert!(!c.raw.is_empty());
+        let c = parse(
+            r#"{"cniVersion":"1.0.0","name":"n","type":"ambient-cni","agent_namespace":7,"agent_pod_prefix":null}"#,
+        )
+        .unwrap();
+        assert_eq!(c.name, "n");
+    }
+
+    #[test]
+    fn status_and_fallback_keys() {
+        let c = parse(
+            r#"{"cniVersion":"1.1.0","name":"n","type":"ambient-cni","status_requires_agent":true,"decisions_max_age_s":0}"#,
+        )
+        .unwrap();
+        assert!(c.status_requires_agent);
+        assert_eq!(c.decisions_max_age_s, 0);
     }
 
     #[test]
@@ -248,6 +304,18 @@ mod tests {
             ),
             (
                 r#"{"cniVersion":"1.0.0","name":"x","type":"y","agent_socket":""}"#,
+                7,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","type":"y","status_requires_agent":"yes"}"#,
+                7,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","type":"y","decisions_max_age_s":-1}"#,
+                7,
+            ),
+            (
+                r#"{"cniVersion":"1.0.0","name":"x","type":"y","decisions_max_age_s":86401}"#,
                 7,
             ),
         ];

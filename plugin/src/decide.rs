@@ -10,20 +10,17 @@ pub enum PassThrough {
     NotAPod,
     /// The namespace is in `exclude_namespaces`.
     ExcludedNamespace,
-    /// One of the agent's own pods (it must start before it can answer).
-    AgentPod,
 }
 
 /// `Some(reason)` when the pod needs no agent round trip.
 pub fn pass_through(conf: &NetConf, pod: &PodArgs) -> Option<PassThrough> {
-    let (Some(ns), Some(name)) = (pod.namespace.as_deref(), pod.name.as_deref()) else {
+    // No exemption for the agent's own pods: they run with hostNetwork, so the runtime
+    // never calls CNI for them, and a name-based exemption would be a capture bypass.
+    let (Some(ns), Some(_)) = (pod.namespace.as_deref(), pod.name.as_deref()) else {
         return Some(PassThrough::NotAPod);
     };
     if conf.exclude_namespaces.iter().any(|e| e == ns) {
         return Some(PassThrough::ExcludedNamespace);
-    }
-    if ns == conf.agent_namespace && name.starts_with(&conf.agent_pod_prefix) {
-        return Some(PassThrough::AgentPod);
     }
     None
 }
@@ -33,7 +30,7 @@ mod tests {
     use super::*;
 
     fn conf() -> NetConf {
-        NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"ambient-cni","exclude_namespaces":["kube-system","infra"]}"#).unwrap()
+        NetConf::parse(br#"{"cniVersion":"1.0.0","name":"n","type":"ambient-cni","exclude_namespaces":["kube-system","infra"],"agent_namespace":"istio-system","agent_pod_prefix":"ambient-cni-node-"}"#).unwrap()
     }
 
     fn pod(ns: Option<&str>, name: Option<&str>) -> PodArgs {
@@ -61,11 +58,8 @@ mod tests {
                 Some("x"),
                 Some(PassThrough::ExcludedNamespace),
             ),
-            (
-                Some("istio-system"),
-                Some("ambient-cni-node-abcde"),
-                Some(PassThrough::AgentPod),
-            ),
+            // The agent's pod name is no exemption (an older conf's keys change nothing).
+            (Some("istio-system"), Some("ambient-cni-node-abcde"), None),
             (Some("istio-system"), Some("ztunnel-abcde"), None),
             (Some("shop"), Some("ambient-cni-node-abcde"), None),
             (Some("shop"), Some("web-0"), None),

@@ -53,18 +53,58 @@ pub struct CniEnv {
     pub ifname: Option<String>,
     /// `CNI_ARGS`.
     pub args: Option<String>,
+    /// Variables that were set but are not valid UTF-8 (read as unset above).
+    pub not_utf8: Vec<&'static str>,
 }
+
+/// The variables [`CniEnv`] reads.
+const VARS: [&str; 5] = [
+    "CNI_COMMAND",
+    "CNI_CONTAINERID",
+    "CNI_NETNS",
+    "CNI_IFNAME",
+    "CNI_ARGS",
+];
 
 impl CniEnv {
     /// Reads the process environment.
     pub fn from_process() -> Self {
-        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
-        Self {
-            command: get("CNI_COMMAND"),
-            container_id: get("CNI_CONTAINERID"),
-            netns: get("CNI_NETNS"),
-            ifname: get("CNI_IFNAME"),
-            args: get("CNI_ARGS"),
+        Self::from_vars(|k| std::env::var_os(k))
+    }
+
+    /// Reads the variables from `get`; a value that is not UTF-8 is noted, never dropped
+    /// silently (it would turn a pod into "not a pod" and pass it through).
+    pub fn from_vars(get: impl Fn(&str) -> Option<std::ffi::OsString>) -> Self {
+        let mut env = Self::default();
+        for name in VARS {
+            let value = match get(name).map(std::ffi::OsString::into_string) {
+                None => None,
+                Some(Ok(v)) => Some(v).filter(|v| !v.is_empty()),
+                Some(Err(_)) => {
+                    env.not_utf8.push(name);
+                    None
+                }
+            };
+            match name {
+                "CNI_COMMAND" => env.command = value,
+                "CNI_CONTAINERID" => env.container_id = value,
+                "CNI_NETNS" => env.netns = value,
+                "CNI_IFNAME" => env.ifname = value,
+                _ => env.args = value,
+            }
+        }
+        env
+    }
+
+    /// Code 4 naming the variables that are not UTF-8, if any.
+    pub fn require_utf8(&self) -> Result<(), CniError> {
+        if self.not_utf8.is_empty() {
+            Ok(())
+        } else {
+            Err(CniError::new(
+                INVALID_ENV,
+                format!("not valid UTF-8: {}", self.not_utf8.join(", ")),
+            ))
         }
     }
 
@@ -167,6 +207,28 @@ mod tests {
         assert_eq!(Command::parse(Some("GC")).unwrap(), Command::Gc);
         assert_eq!(Command::parse(None).unwrap_err().code, 4);
         assert_eq!(Command::parse(Some("add")).unwrap_err().code, 4);
+    }
+
+    #[test]
+    fn invalid_utf8_is_noted_not_dropped() {
+        use std::ffi::OsString;
+        use std::os::unix::ffi::OsStringExt;
+        let env = CniEnv::from_vars(|k| match k {
+            "CNI_COMMAND" => Some("ADD".into()),
+            "CNI_ARGS" => Some(OsString::from_vec(
+                b"K8S_POD_NAMESPACE=shop;K8S_POD_NAME=w\xff".to_vec(),
+            )),
+            "CNI_IFNAME" => Some(OsString::new()),
+            _ => None,
+        });
+        assert_eq!(env.command.as_deref(), Some("ADD"));
+        assert_eq!(env.args, None);
+        assert_eq!(env.ifname, None, "empty counts as unset");
+        assert_eq!(env.not_utf8, vec!["CNI_ARGS"]);
+        let e = env.require_utf8().unwrap_err();
+        assert_eq!(e.code, 4);
+        assert!(e.msg.contains("CNI_ARGS"), "{}", e.msg);
+        assert!(CniEnv::default().require_utf8().is_ok());
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub mod conf;
 pub mod decide;
 pub mod env;
 pub mod error;
+pub mod fallback;
+pub mod local_files;
 pub mod log;
 pub mod result;
 pub mod version;

@@ -129,7 +129,7 @@ fn main() {
 
     println!(
         "plugin: {} ({:.2} MiB)",
-        bin.display(),
+        ambient_cni_tests::bench::shown(&bin),
         size as f64 / (1 << 20) as f64
     );
     println!("{N} sequential ADDs each; baseline /bin/true exec'd the same way in the same run\n");

@@ -99,12 +99,8 @@ impl Chain {
             .unwrap_or_default()
     }
 
-    fn find(&self, ty: &str) -> PathBuf {
-        self.path
-            .iter()
-            .map(|d| d.join(ty))
-            .find(|p| p.exists())
-            .unwrap_or_else(|| panic!("plugin {ty} not found in {:?}", self.path))
+    fn find(&self, ty: &str) -> Option<PathBuf> {
+        self.path.iter().map(|d| d.join(ty)).find(|p| p.exists())
     }
 
     /// The conf one plugin receives on stdin.
@@ -131,7 +127,8 @@ impl Chain {
         }
     }
 
-    /// Execs one plugin for `cmd`.
+    /// Execs one plugin for `cmd`; a plugin not found in `path` is an exec with
+    /// code -1 and the reason on stderr, as a runtime reports it.
     pub fn exec_one(
         &self,
         cmd: &str,
@@ -155,23 +152,23 @@ impl Chain {
             ("CNI_ARGS", att.args.as_str()),
             ("CNI_PATH", cni_path.as_str()),
         ];
-        exec_plugin(
-            &self.find(ty),
-            &env,
-            conf.to_string().as_bytes(),
-            self.limit,
-        )
+        let Some(bin) = self.find(ty) else {
+            return not_run(format!("CNI plugin {ty:?} not found in {:?}", self.path));
+        };
+        exec_plugin(&bin, &env, conf.to_string().as_bytes(), self.limit)
     }
 
-    /// ADD through the whole list; returns every plugin's result in order, or the failing exec.
+    /// ADD through the whole list; returns every plugin's result in order, or the
+    /// failing exec (a non-zero exit, or a result that is not JSON).
     pub fn add(&self, att: &Attachment) -> Result<Vec<Value>, (usize, Exec)> {
         let mut results: Vec<Value> = Vec::new();
         for (i, plugin) in self.plugins().iter().enumerate() {
             let out = self.exec_one("ADD", plugin, att, results.last());
-            if out.code != 0 {
-                return Err((i, out));
-            }
-            let mut result = out.json();
+            let parsed = serde_json::from_str::<Value>(&out.stdout);
+            let mut result = match parsed {
+                Ok(v) if out.code == 0 => v,
+                _ => return Err((i, out)),
+            };
             // A capped plugin's result is relabelled to the list's version (same format).
             result["cniVersion"] = self.conflist["cniVersion"].clone();
             results.push(result);
@@ -201,6 +198,16 @@ impl Chain {
             }
         }
         Ok(())
+    }
+}
+
+/// An exec that never ran: code -1, `why` on stderr.
+fn not_run(why: String) -> Exec {
+    Exec {
+        stdout: String::new(),
+        stderr: why,
+        code: -1,
+        elapsed: Duration::ZERO,
     }
 }
 

@@ -1,5 +1,6 @@
-//! Helpers for the cross-crate integration tests: locating the built binaries,
-//! named netns "pods" that clean themselves up, running CNI plugins exactly as a
+//! Helpers for the cross-crate integration tests and the development tools (the
+//! demo, the ztunnel stand-in, bench-report): locating the built binaries, named
+//! netns "pods" that clean themselves up, running CNI plugins exactly as a
 //! runtime does (libcni's conflist semantics), and agent processes.
 
 use std::io::{Read, Write};
@@ -13,6 +14,9 @@ use serde_json::{json, Value};
 pub mod bench;
 pub mod churn;
 pub mod cni;
+pub mod demo;
+pub mod expo;
+pub mod http;
 pub mod kubelet;
 pub mod node;
 pub mod peers;
@@ -80,15 +84,34 @@ pub fn standin_bin() -> PathBuf {
     binary("ZTUNNEL_STANDIN_BIN", "ztunnel-standin")
 }
 
+/// The demo (`AMBIENT_CNI_DEMO`, else the workspace build).
+pub fn demo_bin() -> PathBuf {
+    binary("AMBIENT_CNI_DEMO", "ambient-cni-demo")
+}
+
 /// Runs `ip` with arguments (never a shell); panics with its stderr on failure.
 pub fn ip(args: &[&str]) {
-    let out = Command::new("ip").args(args).output().expect("exec ip");
-    assert!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    if let Err(e) = try_ip(args) {
+        panic!("{e}");
+    }
+}
+
+/// Runs `ip` with arguments (never a shell); its stdout, or an error naming the
+/// command with its stderr.
+pub fn try_ip(args: &[&str]) -> Result<String, String> {
+    let out = Command::new("ip")
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("cannot run ip: {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// A named network namespace (`ip netns add`), deleted on drop.
@@ -102,10 +125,32 @@ pub struct NamedNetns {
 impl NamedNetns {
     /// Creates `acni<unique>` with loopback up.
     pub fn new() -> Self {
-        let name = unique("acni");
-        ip(&["netns", "add", &name]);
-        ip(&["-n", &name, "link", "set", "lo", "up"]);
-        Self { name, owned: true }
+        Self::create(&unique("acni")).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Creates the netns `name` with loopback up; the error names the netns.
+    pub fn create(name: &str) -> Result<Self, String> {
+        try_ip(&["netns", "add", name]).map_err(|e| format!("netns {name}: {e}"))?;
+        // From here on, drop deletes it (also when bringing lo up fails).
+        let ns = Self {
+            name: name.to_owned(),
+            owned: true,
+        };
+        try_ip(&["-n", name, "link", "set", "lo", "up"])
+            .map_err(|e| format!("netns {name}: {e}"))?;
+        Ok(ns)
+    }
+
+    /// Deletes it now, reporting failure (drop deletes silently).
+    pub fn delete(self) -> Result<(), String> {
+        // Deleted here (or failed and reported): drop must not try again.
+        try_ip(&["netns", "delete", &self.keep()]).map(|_| ())
+    }
+
+    /// Gives up ownership: the netns stays after drop; returns its name.
+    pub fn keep(self) -> String {
+        let mut this = std::mem::ManuallyDrop::new(self);
+        std::mem::take(&mut this.name)
     }
 
     /// An existing `/var/run/netns/<name>` made by someone else (a container runtime's pod
@@ -238,12 +283,22 @@ impl Exec {
 }
 
 /// Execs a CNI plugin binary with `env` and `stdin`, as libcni does; killed after `limit`.
+/// `elapsed` runs from just before the spawn to the moment the kernel reports the exit
+/// (a blocking pidfd wait, no polling), so benches that time through this are exact.
 pub fn exec_plugin(bin: &Path, env: &[(&str, &str)], stdin: &[u8], limit: Duration) -> Exec {
-    let start = Instant::now();
-    let mut child = Command::new(bin)
-        .env_clear()
+    let mut cmd = Command::new(bin);
+    cmd.env_clear()
         .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .envs(env.iter().copied())
+        .envs(env.iter().copied());
+    exec_timed(cmd, stdin, limit)
+}
+
+/// Runs `cmd` with `stdin`, killed after `limit`, timed as [`exec_plugin`] times it (benches
+/// time `/bin/true` and `sleep 0.001` through this to show the harness adds nothing).
+pub fn exec_timed(mut cmd: Command, stdin: &[u8], limit: Duration) -> Exec {
+    let bin = PathBuf::from(cmd.get_program());
+    let start = Instant::now();
+    let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -251,42 +306,97 @@ pub fn exec_plugin(bin: &Path, env: &[(&str, &str)], stdin: &[u8], limit: Durati
         .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
     let mut input = child.stdin.take().expect("stdin");
     let data = stdin.to_vec();
-    // A writer thread: a plugin that stops reading must not block the test.
+    // Writer and readers on their own threads: a plugin that stops reading, or writes more
+    // than a pipe holds, must not block the test.
     let writer = std::thread::spawn(move || {
         let _ = input.write_all(&data);
     });
+    let reader = |pipe: Option<Box<dyn Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_string(&mut text);
+            }
+            text
+        })
+    };
+    let out = reader(
+        child
+            .stdout
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
+    let err = reader(
+        child
+            .stderr
+            .take()
+            .map(|p| Box::new(p) as Box<dyn Read + Send>),
+    );
     let status = wait_limited(&mut child, limit);
+    let elapsed = start.elapsed();
     let _ = writer.join();
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    if let Some(mut o) = child.stdout.take() {
-        let _ = o.read_to_string(&mut stdout);
-    }
-    if let Some(mut e) = child.stderr.take() {
-        let _ = e.read_to_string(&mut stderr);
-    }
     Exec {
-        stdout,
-        stderr,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
         code: status,
-        elapsed: start.elapsed(),
+        elapsed,
     }
 }
 
 /// Waits for a child at most `limit`, killing it after; returns its exit code or -1.
+/// Blocks on a pidfd (woken by the exit itself), so the wait adds no polling delay.
 pub fn wait_limited(child: &mut Child, limit: Duration) -> i32 {
-    let deadline = Instant::now() + limit;
-    loop {
-        match child.try_wait() {
-            Ok(Some(st)) => return st.code().unwrap_or(-1),
-            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(2)),
-            _ => {
-                let _ = child.kill();
-                let _ = child.wait();
-                return -1;
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+    let exited = if fd < 0 {
+        // No pidfd (kernel < 5.3): a blocking wait in a helper thread, bounded by `limit`.
+        let pid = child.id();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // SAFETY: a zeroed siginfo_t is a valid out-parameter; WNOWAIT leaves the child
+            // to be reaped by `child.wait()` below.
+            let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+            // SAFETY: waits for our own child.
+            let rc =
+                unsafe { libc::waitid(libc::P_PID, pid, &mut info, libc::WEXITED | libc::WNOWAIT) };
+            let _ = tx.send(rc);
+        });
+        rx.recv_timeout(limit).is_ok()
+    } else {
+        let fd = fd as libc::c_int;
+        let deadline = Instant::now() + limit;
+        let mut ready = false;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let mut pfd = libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().min(i32::MAX as u128) as libc::c_int;
+            // SAFETY: one valid pollfd.
+            let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if rc > 0 {
+                ready = true;
+                break;
+            }
+            if rc == 0 || std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted
+            {
+                break;
             }
         }
+        // SAFETY: our own fd, closed once.
+        unsafe { libc::close(fd) };
+        ready
+    };
+    if exited {
+        if let Ok(st) = child.wait() {
+            return st.code().unwrap_or(-1);
+        }
     }
+    let _ = child.kill();
+    let _ = child.wait();
+    -1
 }
 
 /// Polls `cond` every 10 ms until it holds or `limit` passes.
@@ -474,11 +584,7 @@ impl Standin {
 
     /// All events so far.
     pub fn events(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.out)
-            .unwrap_or_default()
-            .lines()
-            .filter_map(|l| serde_json::from_str(l).ok())
-            .collect()
+        standin_events(&self.out)
     }
 
     /// Events of a kind.
@@ -510,6 +616,15 @@ impl Drop for Standin {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The JSON-line events a stand-in wrote to `file` so far (a partial last line is skipped).
+pub fn standin_events(file: &Path) -> Vec<Value> {
+    std::fs::read_to_string(file)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
 }
 
 /// The plugin's conflist entry for tests.

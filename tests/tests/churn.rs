@@ -504,8 +504,9 @@ fn plugin_cmd(cmd: &str, conf: &str, args: &str) -> Exec {
 fn every_plugin_command_is_bounded_by_timeout_ms_against_a_silent_agent() {
     let dir = TempDir::new("acni-silent");
     let sock = silent_socket(&dir);
+    // STATUS asks the agent only when told to (by default it does not dial at all).
     let conf = format!(
-        r#"{{"cniVersion":"1.1.0","name":"k8s","type":"ambient-cni","agent_socket":"{}","timeout_ms":300{PREV}}}"#,
+        r#"{{"cniVersion":"1.1.0","name":"k8s","type":"ambient-cni","agent_socket":"{}","timeout_ms":300,"status_requires_agent":true{PREV}}}"#,
         sock.display()
     );
     let bound = Duration::from_millis(300 + 1000);

@@ -1,6 +1,7 @@
-//! `ambient-cni-agent demo` end to end: run to completion (pods captured, traffic
-//! at the stand-in with its original destination, the released pod direct), and
-//! interrupted with SIGINT mid-way; either way nothing may be left on the host.
+//! `ambient-cni-demo` (the README's `scripts/demo.sh`) end to end, driving the real
+//! agent binary: run to completion (pods captured, traffic at the stand-in with its
+//! original destination, the released pod direct), and interrupted with SIGINT
+//! mid-way; either way nothing may be left on the host.
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -111,8 +112,9 @@ fn assert_clean(before: &Host, pid: u32, subnet_prefix: &str, out: &str) {
 }
 
 fn demo_cmd(subnet: &str, extra: &[&str]) -> Command {
-    let mut c = Command::new(agent_bin());
-    c.arg("demo")
+    let mut c = Command::new(demo_bin());
+    c.arg("--agent")
+        .arg(agent_bin())
         .arg("--plugin")
         .arg(plugin_bin())
         .arg("--standin")
@@ -262,4 +264,42 @@ fn demo_interrupted_by_sigint_cleans_up() {
         "{cleanup}"
     );
     assert_clean(&before, pid, "10.214.0.", &out);
+}
+
+#[test]
+fn the_agent_offers_only_operator_commands() {
+    // The demo left the shipped agent: `--help` lists what an operator runs, nothing else.
+    let out = Command::new(agent_bin())
+        .arg("--help")
+        .output()
+        .expect("agent --help");
+    assert!(out.status.success(), "{out:?}");
+    let help = String::from_utf8_lossy(&out.stdout);
+    let commands: BTreeSet<&str> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    for want in [
+        "run",
+        "install",
+        "uninstall",
+        "redirect",
+        "status",
+        "doctor",
+        "log-level",
+    ] {
+        assert!(commands.contains(want), "no {want}:\n{help}");
+    }
+    assert!(!commands.contains("demo"), "{help}");
+    let demo = Command::new(agent_bin())
+        .arg("demo")
+        .output()
+        .expect("agent demo");
+    assert!(
+        !demo.status.success(),
+        "`ambient-cni-agent demo` still runs"
+    );
 }

@@ -1383,7 +1383,7 @@ fn sigterm_keeps_the_plugin_while_our_daemonset_exists_and_removes_it_on_uninsta
                 &conf_dir,
                 "--plugin-binary",
                 &plugin,
-                "--agent-namespace",
+                "--pod-namespace",
                 &home,
                 "--daemonset-name",
                 DAEMONSET,

@@ -1,6 +1,7 @@
 //! The agent's health and metrics ports, scraped over HTTP from a real agent while
 //! real pods go through the real CNI chain, and checked with a strict exposition
-//! parser written here (independent of the agent's own).
+//! parser written here (independent of `ambient_cni_tests::expo`, which the agent's
+//! unit tests use).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -283,7 +284,7 @@ fn scrape(port: u16) -> Scrape {
 }
 
 /// Every family, its type, and its label names (Istio's names kept where dashboards use them).
-const FAMILIES: [(&str, &str, &[&str]); 13] = [
+const FAMILIES: [(&str, &str, &[&str]); 14] = [
     (
         "ambient_cni_plugin_requests",
         "counter",
@@ -305,6 +306,7 @@ const FAMILIES: [(&str, &str, &[&str]); 13] = [
     ("ambient_cni_install_repairs", "counter", &[]),
     ("istio_cni_installs", "counter", &["result"]),
     ("istio_cni_install_ready", "gauge", &[]),
+    ("ambient_cni_plugin_fallback", "counter", &["outcome"]),
 ];
 
 #[test]

@@ -568,7 +568,7 @@ impl Drop for KeepWatch {
     }
 }
 
-/// 1. Install: image imported, chart installed, DaemonSet Ready, plugin and entry on the
+/// Step 1: Install: image imported, chart installed, DaemonSet Ready, plugin and entry on the
 /// host, mesh pods captured when the kubelet starts them, plain pods not.
 fn install(w: &mut World) -> (Pod, NamedNetns) {
     let tar = w.peer.image_tar.display().to_string();
@@ -650,7 +650,7 @@ fn install(w: &mut World) -> (Pod, NamedNetns) {
     (client, client_ns)
 }
 
-/// 2. Upgrade to another tag: no captured pod loses its rules or its ztunnel listener, and
+/// Step 2: Upgrade to another tag: no captured pod loses its rules or its ztunnel listener, and
 /// pods created during the roll-over end up captured without ever running uncaptured.
 fn upgrade(w: &World, client_ns: &NamedNetns) {
     let web = w.get(MESH, "web").expect("web");
@@ -692,7 +692,7 @@ fn upgrade(w: &World, client_ns: &NamedNetns) {
     w.assert_inbound(client_ns, &p);
 }
 
-/// 3. kill -9 of the agent in its container: the kubelet restarts it, pods keep their rules
+/// Step 3: kill -9 of the agent in its container: the kubelet restarts it, pods keep their rules
 /// and proxies, the agent reconciles, ztunnel gets exactly one snapshot.
 fn crash(w: &World) {
     let agent = w.agent_pod().expect("agent");
@@ -759,7 +759,7 @@ fn crash(w: &World) {
     );
 }
 
-/// 4. The primary CNI rewrites its conflist (its own installer: temp file + rename): our
+/// Step 4: The primary CNI rewrites its conflist (its own installer: temp file + rename): our
 /// entry is put back, and a new mesh pod is captured through the repaired chain.
 fn conflist_rewrite(w: &World) {
     let tmp = Path::new(NODE_CONFLIST).with_extension("conflist.tmp");
@@ -774,7 +774,7 @@ fn conflist_rewrite(w: &World) {
     w.assert_captured("after-rewrite", &w.netns_of(&p));
 }
 
-/// 6. The kubelet rebuilds a captured pod's sandbox (its pause process killed): the pod is
+/// Step 6: The kubelet rebuilds a captured pod's sandbox (its pause process killed): the pod is
 /// captured in the new netns, and the old sandbox's DEL does not release it.
 fn sandbox_recreated(w: &World, client_ns: &NamedNetns) {
     let web = w.get(MESH, "web").expect("web");
@@ -820,7 +820,7 @@ fn sandbox_recreated(w: &World, client_ns: &NamedNetns) {
     w.assert_inbound(client_ns, &new);
 }
 
-/// 5. helm uninstall: entry and binary gone from the node, new pods start, nothing of ours
+/// Step 5: helm uninstall: entry and binary gone from the node, new pods start, nothing of ours
 /// left on the host (files, nft tables, sockets).
 fn uninstall(w: &mut World) {
     w.helm(&["uninstall", RELEASE, "-n", SYSTEM_NS])

@@ -111,11 +111,24 @@ fn agent_down_fails_closed_but_pass_through_works() {
         );
         // The runtime cleans up with DEL, which never fails.
         chain.del(&att, None).expect("DEL with agent down");
+        // A pod named like the agent's is no exemption (the agent runs with hostNetwork and
+        // never reaches CNI; a name-based exemption would be a capture bypass).
+        let att = Attachment {
+            args:
+                "IgnoreUnknown=1;K8S_POD_NAMESPACE=istio-system;K8S_POD_NAME=ambient-cni-node-x7k2p"
+                    .into(),
+            ..Attachment::pod(&ns.path(), "x", "y", "u3")
+        };
+        let (idx, exec) = chain
+            .add(&att)
+            .expect_err("agent-named pod must fail closed");
+        assert_eq!(idx, 1);
+        exec.assert_error(11);
+        chain.del(&att, None).expect("DEL");
         // Pass-through pods need no agent.
         for args in [
             "IgnoreUnknown=1;K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns",
             "IgnoreUnknown=1",
-            "IgnoreUnknown=1;K8S_POD_NAMESPACE=istio-system;K8S_POD_NAME=ambient-cni-node-x7k2p",
         ] {
             let att = Attachment {
                 args: args.into(),
@@ -357,9 +370,98 @@ fn version_status_gc_and_version_gating() {
     env[0] = ("CNI_COMMAND", "CHECK");
     run(&env, v031.as_bytes()).assert_error(1);
 
-    // STATUS with no agent: 50.
+    // STATUS with no agent: ready by default (the node must not go NotReady), 50 when the
+    // conf opts in; a running agent is ready either way.
     let absent = r#"{"cniVersion":"1.1.0","name":"k","type":"ambient-cni","agent_socket":"/nonexistent/x.sock"}"#;
-    run(&[("CNI_COMMAND", "STATUS")], absent.as_bytes()).assert_error(50);
+    let out = run(&[("CNI_COMMAND", "STATUS")], absent.as_bytes());
+    assert_eq!((out.code, out.stdout.as_str()), (0, ""), "{}", out.stderr);
+    let strict = absent.replace('}', r#","status_requires_agent":true}"#);
+    run(&[("CNI_COMMAND", "STATUS")], strict.as_bytes()).assert_error(50);
+    let out = run(
+        &[("CNI_COMMAND", "STATUS")],
+        v11(r#","status_requires_agent":true"#).as_bytes(),
+    );
+    assert_eq!((out.code, out.stdout.as_str()), (0, ""), "{}", out.stderr);
+    // An unusable conf still fails STATUS.
+    let bad = absent.replace('}', r#","timeout_ms":0}"#);
+    run(&[("CNI_COMMAND", "STATUS")], bad.as_bytes()).assert_error(7);
+}
+
+#[test]
+fn status_does_not_dial_the_agent_by_default() {
+    let dir = TempDir::new("acni-status");
+    let path = dir.join("agent.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let conf = |extra: &str| {
+        format!(
+            r#"{{"cniVersion":"1.1.0","name":"k","type":"ambient-cni","agent_socket":"{}","timeout_ms":300{extra}}}"#,
+            path.display()
+        )
+    };
+    // Every few seconds from containerd: no connection at all.
+    let out = run(&[("CNI_COMMAND", "STATUS")], conf("").as_bytes());
+    assert_eq!((out.code, out.stdout.as_str()), (0, ""), "{}", out.stderr);
+    assert!(
+        listener.accept().is_err(),
+        "default STATUS connected to the agent"
+    );
+    // Opted in: it asks (and this listener never answers, so 50).
+    run(
+        &[("CNI_COMMAND", "STATUS")],
+        conf(r#","status_requires_agent":true"#).as_bytes(),
+    )
+    .assert_error(50);
+    assert!(listener.accept().is_ok(), "opted-in STATUS asked the agent");
+}
+
+/// The plugin with `CNI_ARGS` set to raw bytes (not UTF-8), as a runtime could pass them.
+fn run_with_raw_args(cmd: &str, args: &[u8], stdin: &[u8]) -> (i32, String) {
+    use std::io::Write;
+    use std::os::unix::ffi::OsStrExt;
+    let mut child = std::process::Command::new(plugin_bin())
+        .env_clear()
+        .envs(
+            add_env(NS, MESH_POD)
+                .into_iter()
+                .filter(|(k, _)| *k != "CNI_ARGS"),
+        )
+        .env("CNI_COMMAND", cmd)
+        .env("CNI_ARGS", std::ffi::OsStr::from_bytes(args))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn plugin");
+    let _ = child.stdin.take().expect("stdin").write_all(stdin);
+    let out = child.wait_with_output().expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn cni_args_that_are_not_utf8_are_code_4_but_del_succeeds() {
+    let stdin = conf(&format!(
+        r#","agent_socket":"/nonexistent/acni.sock","timeout_ms":300{PREV}"#
+    ));
+    let raw = b"IgnoreUnknown=1;K8S_POD_NAMESPACE=shop;K8S_POD_NAME=web-\xff0";
+    for cmd in ["ADD", "CHECK"] {
+        let (code, stdout) = run_with_raw_args(cmd, raw, stdin.as_bytes());
+        assert_eq!(code, 1, "{cmd}: {stdout}");
+        let v: Value = serde_json::from_str(&stdout).expect("error JSON");
+        assert_eq!(v["code"], 4, "{cmd}: {v}");
+        assert!(
+            v["msg"].as_str().unwrap_or_default().contains("CNI_ARGS"),
+            "{v}"
+        );
+    }
+    let (code, stdout) = run_with_raw_args("DEL", raw, stdin.as_bytes());
+    assert_eq!((code, stdout.as_str()), (0, ""), "DEL never fails");
+    // Malformed (but UTF-8) CNI_ARGS: DEL succeeds too.
+    let (code, stdout) = run_with_raw_args("DEL", b"K8S_POD_NAME", stdin.as_bytes());
+    assert_eq!((code, stdout.as_str()), (0, ""), "DEL never fails");
 }
 
 #[test]
@@ -406,5 +508,180 @@ fn non_root_peer_is_refused_by_the_agent() {
             .contains("foreign uid")),
         "agent log: {}",
         agent.log_text()
+    );
+}
+
+// ---- the agent down: its decisions file lets known non-mesh pods start ----
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// One metric sample from the agent's `/metrics` on `port` (a plain-text search).
+fn sample(port: u16, series: &str) -> Option<f64> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+}
+
+#[test]
+fn agent_down_passes_known_plain_pods_on_its_decisions_file() {
+    if !require_root("agent_down_passes_known_plain_pods_on_its_decisions_file") {
+        return;
+    }
+    let dir = TempDir::new("acni-fallback");
+    let pods = dir.join("pods");
+    write_namespace(
+        &pods,
+        "mesh",
+        serde_json::json!({"istio.io/dataplane-mode": "ambient"}),
+    );
+    write_namespace(&pods, "plain", serde_json::json!({}));
+    write_pod(
+        &pods,
+        "plain",
+        "web",
+        "uid-web",
+        None,
+        serde_json::json!({}),
+    );
+    write_pod(
+        &pods,
+        "plain",
+        "labelled",
+        "uid-labelled",
+        None,
+        serde_json::json!({"istio.io/dataplane-mode": "ambient"}),
+    );
+    write_pod(&pods, "mesh", "app", "uid-app", None, serde_json::json!({}));
+    let mut agent = AgentProcess::start(&dir.0, &["--decisions-refresh-seconds", "1"]);
+    let file = dir.join("decisions.json");
+    assert!(
+        wait_for(Duration::from_secs(10), || std::fs::read_to_string(&file)
+            .is_ok_and(|t| t.contains("uid-web"))),
+        "no decisions file; agent log:\n{}",
+        agent.log_text()
+    );
+    let good = std::fs::read(&file).expect("decisions file");
+    let listed: Value = serde_json::from_slice(&good).expect("JSON");
+    assert_eq!(listed["version"], 1);
+    assert_eq!(
+        listed["pods"],
+        serde_json::json!([{"namespace": "plain", "name": "web", "uid": "uid-web"}]),
+        "only the seen plain pod: {listed}"
+    );
+    // The agent is killed (crash, upgrade gap): its socket file stays, nobody answers.
+    agent.kill();
+    let netns = NamedNetns::new();
+    let stdin = |extra: &str| {
+        conf(&format!(
+            r#","agent_socket":"{}","timeout_ms":500{extra}{PREV}"#,
+            agent.socket.display()
+        ))
+    };
+    let add = |ns: &str, name: &str, uid: Option<&str>, extra: &str| {
+        let args = match uid {
+            Some(u) => format!("K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name};K8S_POD_UID={u}"),
+            None => format!("K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}"),
+        };
+        let path = netns.path();
+        run(&add_env(&path, &args), stdin(extra).as_bytes())
+    };
+    let passes = |out: &Exec| {
+        assert_eq!(out.code, 0, "{} {}", out.stdout, out.stderr);
+        assert_eq!(
+            out.json(),
+            serde_json::json!({"cniVersion": "1.0.0", "ips": [{"address": "10.0.0.5/24"}]}),
+            "prevResult passed through"
+        );
+        assert!(out.stderr.contains("passed through"), "{}", out.stderr);
+    };
+    passes(&add("plain", "web", Some("uid-web"), ""));
+    for (what, ns, name, uid) in [
+        ("mesh pod", "mesh", "app", Some("uid-app")),
+        (
+            "pod labelled ambient",
+            "plain",
+            "labelled",
+            Some("uid-labelled"),
+        ),
+        ("unknown pod", "plain", "new", Some("uid-new")),
+        ("namesake of a plain pod", "plain", "web", Some("uid-other")),
+        ("no uid", "plain", "web", None),
+    ] {
+        let out = add(ns, name, uid, "");
+        let v = out.assert_error(11);
+        assert!(
+            v["details"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("failed closed"),
+            "{what}: {v}"
+        );
+    }
+    // The fallback can be turned off.
+    add(
+        "plain",
+        "web",
+        Some("uid-web"),
+        r#","decisions_max_age_s":0"#,
+    )
+    .assert_error(11);
+    // Corrupt, truncated, stale or missing: fail closed.
+    let stale = String::from_utf8(good.clone()).expect("utf8").replace(
+        &format!("\"written_at\":{}", listed["written_at"]),
+        &format!("\"written_at\":{}", now_s() - 3600),
+    );
+    for (what, bytes) in [
+        ("corrupt", b"\x00garbage".to_vec()),
+        ("truncated", good[..good.len() / 2].to_vec()),
+        ("stale", stale.into_bytes()),
+    ] {
+        std::fs::write(&file, &bytes).expect("write");
+        let v = add("plain", "web", Some("uid-web"), "").assert_error(11);
+        eprintln!("{what}: {v}");
+    }
+    std::fs::remove_file(&file).expect("rm");
+    add("plain", "web", Some("uid-web"), "").assert_error(11);
+    // A fresh file again (as written by the agent): passes.
+    std::fs::write(&file, &good).expect("write");
+    passes(&add("plain", "web", Some("uid-web"), ""));
+
+    // The plugin counted 2 pass-throughs and 10 fail-closed; the restarted agent exports them.
+    let counted = std::fs::read(dir.join("plugin-fallbacks")).expect("counter file");
+    assert_eq!(
+        String::from_utf8_lossy(&counted),
+        format!("p{}p", "f".repeat(10))
+    );
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let addr = format!("127.0.0.1:{port}");
+    let _agent = AgentProcess::start(&dir.0, &["--metrics-addr", &addr]);
+    assert_eq!(
+        sample(
+            port,
+            r#"ambient_cni_plugin_fallback_total{outcome="pass_through"}"#
+        ),
+        Some(2.0)
+    );
+    assert_eq!(
+        sample(
+            port,
+            r#"ambient_cni_plugin_fallback_total{outcome="fail_closed"}"#
+        ),
+        Some(10.0)
     );
 }

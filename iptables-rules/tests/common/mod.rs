@@ -8,6 +8,7 @@ use iptables_rules::{HostProbeConfig, InpodConfig};
 
 #[path = "../goldens_dir/mod.rs"]
 mod goldens_dir;
+#[allow(unused_imports)]
 pub use goldens_dir::{goldens, have_goldens};
 
 /// The v6 SNAT address Istio's in-pod goldens use.

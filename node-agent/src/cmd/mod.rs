@@ -1,3 +1,2 @@
 //! Subcommands of `ambient-cni-agent` that are more than wiring.
-pub mod demo;
 pub mod redirect;

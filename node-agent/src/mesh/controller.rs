@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -41,7 +41,16 @@ pub struct Controller {
     cache: Mutex<Cache>,
     changed: Notify,
     ready: AtomicBool,
-    retries: Mutex<HashMap<String, Duration>>,
+    retries: Mutex<HashMap<String, Retry>>,
+    /// Retry timers alive (sleeping or reconciling), for tests and metrics.
+    retry_timers: Arc<AtomicUsize>,
+}
+
+/// One pod's retry state: its backoff, and whether its one timer is scheduled.
+#[derive(Debug, Clone, Copy)]
+struct Retry {
+    delay: Duration,
+    scheduled: bool,
 }
 
 fn ip_list(strs: &[String]) -> Vec<IpAddr> {
@@ -61,6 +70,7 @@ impl Controller {
             changed: Notify::new(),
             ready: AtomicBool::new(false),
             retries: Mutex::new(HashMap::new()),
+            retry_timers: Arc::new(AtomicUsize::new(0)),
         })
     }
 
@@ -83,6 +93,22 @@ impl Controller {
         &self.policy
     }
 
+    /// The decisions file's content for the current cache (see [`crate::decisions`]).
+    pub fn decisions(&self, now_s: u64) -> ambient_cni_api::decisions::Decisions {
+        let c = self.cache();
+        crate::decisions::compute(
+            &self.policy,
+            c.pods.values().map(|p| p.as_ref()),
+            &c.namespaces,
+            now_s,
+        )
+    }
+
+    /// Notified on every pod or namespace event.
+    pub fn changes(&self) -> &Notify {
+        &self.changed
+    }
+
     /// The cached pod `ns/name` and its namespace's labels.
     pub fn cached(&self, namespace: &str, name: &str) -> Option<Found> {
         let c = self.cache();
@@ -99,10 +125,12 @@ impl Controller {
     }
 
     /// Runs the source, waits for its first sync, reconciles, opens the ZDS socket
-    /// at `zds_path` (only now, so the first snapshot is complete), then serves events.
+    /// at `zds_path` with `zds_cfg` (only now, so the first snapshot is complete),
+    /// then serves events.
     pub async fn start(
         self: Arc<Self>,
         zds_path: std::path::PathBuf,
+        zds_cfg: crate::inpod::zds::config::ZdsConfig,
     ) -> Result<(), crate::inpod::zds::error::ZdsError> {
         let (tx, mut rx) = mpsc::channel(1024);
         tokio::spawn(self.source.clone().run(tx));
@@ -116,7 +144,7 @@ impl Controller {
         self.reconcile_after_start().await;
         let table: Arc<dyn crate::inpod::zds::snapshot::SnapshotSource> =
             self.enroller.table.clone();
-        let zds = crate::inpod::zds::server::ZdsServer::bind(&zds_path, table)?;
+        let zds = crate::inpod::zds::server::ZdsServer::bind_with(&zds_path, table, zds_cfg)?;
         self.enroller.set_zds(Arc::new(zds));
         self.ready.store(true, Ordering::Release);
         info!("agent ready");
@@ -171,6 +199,8 @@ impl Controller {
             }
             SourceEvent::PodDeleted(p) => {
                 let id = pods::pod_id(&p);
+                // Its retry timer, if any, ends when it wakes.
+                self.retries().remove(&id.uid);
                 tokio::spawn(async move {
                     if let Err(e) = self.enroller.remove(&id, true).await {
                         warn!(pod = %id, error = %e, "release of a deleted pod failed");
@@ -205,6 +235,8 @@ impl Controller {
         let (pod, ns_labels) = {
             let c = self.cache();
             let Some(pod) = c.pods.get(uid).cloned() else {
+                drop(c);
+                self.retries().remove(uid);
                 return;
             };
             let ns = pod.metadata.namespace.clone().unwrap_or_default();
@@ -227,12 +259,13 @@ impl Controller {
                     // The probe set follows the pod's current IPs.
                     self.enroller.table.update(uid, |h| h.ips = ips);
                 }
-                return;
+                Ok(())
             }
             (None, Ok(())) => {
                 let ips = pods::ips(&pod);
                 if ips.is_empty() {
                     // Not started yet: its CNI ADD will enrol it.
+                    self.retries().remove(uid);
                     return;
                 }
                 info!(pod = %id, "running pod joins the mesh (no CNI event)");
@@ -251,7 +284,7 @@ impl Controller {
                     })
                     .await
             }
-            (None, Err(_)) => return,
+            (None, Err(_)) => Ok(()),
         };
         match result {
             Ok(()) => {
@@ -265,25 +298,56 @@ impl Controller {
         }
     }
 
-    fn retries(&self) -> MutexGuard<'_, HashMap<String, Duration>> {
+    fn retries(&self) -> MutexGuard<'_, HashMap<String, Retry>> {
         self.retries.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Schedules one retry of a pod with per-pod exponential backoff (never a storm:
-    /// at most one scheduled retry per pod).
+    /// Pods with retry state (a pending retry or a backoff to continue from).
+    pub fn retrying_pods(&self) -> usize {
+        self.retries().len()
+    }
+
+    /// Retry timers alive right now (at most one per pod).
+    pub fn retry_timers(&self) -> usize {
+        self.retry_timers.load(Ordering::Acquire)
+    }
+
+    /// Schedules a retry of a pod with per-pod exponential backoff. At most one timer
+    /// per pod: while one is scheduled, more failures (e.g. one per pod update) add
+    /// nothing, since the timer reconciles from the latest cached object anyway.
     fn retry_later(self: &Arc<Self>, uid: String) {
         let delay = {
             let mut r = self.retries();
-            let next = r.get(&uid).map_or(RETRY_MIN, |d| (*d * 2).min(RETRY_MAX));
-            if r.insert(uid.clone(), next).is_some() && next == RETRY_MAX {
-                // Already at the cap with one scheduled.
+            let e = r.entry(uid.clone()).or_insert(Retry {
+                delay: Duration::ZERO,
+                scheduled: false,
+            });
+            if e.scheduled {
+                return;
             }
-            next
+            e.delay = if e.delay.is_zero() {
+                RETRY_MIN
+            } else {
+                (e.delay * 2).min(RETRY_MAX)
+            };
+            e.scheduled = true;
+            e.delay
         };
         let me = self.clone();
+        let timers = self.retry_timers.clone();
+        timers.fetch_add(1, Ordering::AcqRel);
         tokio::spawn(async move {
             tokio::time::sleep(delay).await;
-            me.reconcile_pod(&uid).await;
+            timers.fetch_sub(1, Ordering::AcqRel);
+            // Gone (pod deleted, or enrolled meanwhile): the chain ends here.
+            let live = me
+                .retries()
+                .get_mut(&uid)
+                .map(|e| e.scheduled = false)
+                .is_some();
+            if live {
+                me.reconcile_pod(&uid).await;
+            }
         });
     }
 
@@ -308,7 +372,10 @@ impl Controller {
     /// deleted while the agent was down. ztunnel gets the result as its snapshot.
     async fn reconcile_after_start(&self) {
         let started = std::time::Instant::now();
-        let records = self.enroller.store().load_all();
+        let store = self.enroller.store().clone();
+        let records = tokio::task::spawn_blocking(move || store.load_all())
+            .await
+            .unwrap_or_default();
         let (wanted, pod_objs): (Vec<_>, HashMap<String, Arc<Pod>>) = {
             let c = self.cache();
             let mut wanted = Vec::new();
@@ -324,21 +391,16 @@ impl Controller {
             (wanted, objs)
         };
         let host = self.enroller_host();
+        // Opening is file I/O on paths from disk: off the runtime workers.
+        let wanted_records: Vec<_> = records
+            .iter()
+            .filter(|r| pod_objs.contains_key(&r.uid))
+            .cloned()
+            .collect();
         let mut by_uid: HashMap<String, (Arc<iptables_rules::netns::Netns>, String)> =
-            HashMap::new();
-        for rec in &records {
-            if !pod_objs.contains_key(&rec.uid) {
-                continue;
-            }
-            let path = std::path::PathBuf::from(&rec.netns_path);
-            match iptables_rules::netns::Netns::open(&path, Some(host)) {
-                Ok(ns) if ns.id().ino == rec.netns_inode => {
-                    by_uid.insert(rec.uid.clone(), (Arc::new(ns), rec.netns_path.clone()));
-                }
-                Ok(_) => debug!(uid = %rec.uid, "recorded netns path now holds another netns"),
-                Err(e) => debug!(uid = %rec.uid, error = %e, "recorded netns gone"),
-            }
-        }
+            tokio::task::spawn_blocking(move || open_records(&wanted_records, host))
+                .await
+                .unwrap_or_default();
         // Pods with no usable record: look for their processes.
         let to_scan: HashMap<String, Vec<IpAddr>> = wanted
             .iter()
@@ -379,7 +441,16 @@ impl Controller {
                 netns_path: netns.as_ref().map(|(_, p)| p.clone()),
                 cfg,
                 ips: pods::ips(pod),
-                container_id: None,
+                // The recorded sandbox, when its netns is the recorded one (else a scan found it).
+                container_id: records
+                    .iter()
+                    .find(|r| r.uid == id.uid)
+                    .filter(|r| {
+                        netns
+                            .as_ref()
+                            .is_some_and(|(n, _)| n.id().ino == r.netns_inode)
+                    })
+                    .and_then(|r| r.container_id.clone()),
                 phase: Phase::Pending,
                 last_error: netns
                     .is_none()
@@ -405,16 +476,15 @@ impl Controller {
             };
             if pod_objs.contains_key(&rec.uid) || self.cache().pods.contains_key(&rec.uid) {
                 // Still exists but left the mesh while we were down: take its rules out.
-                if let Ok(ns) = iptables_rules::netns::Netns::open(
-                    std::path::Path::new(&rec.netns_path),
-                    Some(host),
-                ) {
-                    if ns.id().ino == rec.netns_inode {
-                        let r = self.enroller.redirector().clone();
-                        let cfg = self.policy.inpod.clone();
-                        let _ = tokio::task::spawn_blocking(move || r.remove(&ns, &cfg)).await;
+                let r = self.enroller.redirector().clone();
+                let cfg = self.policy.inpod.clone();
+                let one = vec![rec.clone()];
+                let _ = tokio::task::spawn_blocking(move || {
+                    if let Some((ns, _)) = open_records(&one, host).into_values().next() {
+                        let _ = r.remove(&ns, &cfg);
                     }
-                }
+                })
+                .await;
             }
             info!(pod = %id, "dropping a pod deleted or released while the agent was down");
             self.enroller.store().remove(&rec.uid);
@@ -460,6 +530,42 @@ impl Controller {
             Err(e) => Err(Status::unavailable(format!(
                 "cannot look up pod {namespace}/{name}: {e}"
             ))),
+        }
+    }
+}
+
+/// Opens the recorded netns of each record whose path still holds the recorded
+/// netns (blocking: call off the runtime workers). Bad paths are logged and skipped.
+fn open_records(
+    records: &[super::persist::Record],
+    host: iptables_rules::netns::NsId,
+) -> HashMap<String, (Arc<iptables_rules::netns::Netns>, String)> {
+    let mut out = HashMap::new();
+    for rec in records {
+        let path = std::path::Path::new(&rec.netns_path);
+        match iptables_rules::netns::Netns::open(path, Some(host)) {
+            Ok(ns) if ns.id().ino == rec.netns_inode => {
+                out.insert(rec.uid.clone(), (Arc::new(ns), rec.netns_path.clone()));
+            }
+            Ok(_) => debug!(uid = %rec.uid, "recorded netns path now holds another netns"),
+            Err(iptables_rules::netns::NetnsError::Open { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                debug!(uid = %rec.uid, "recorded netns gone");
+            }
+            Err(e) => warn!(uid = %rec.uid, error = %e, "recorded netns unusable"),
+        }
+    }
+    out
+}
+
+impl Controller {
+    /// The held pod a plugin request names: by UID when it carries one, else by name.
+    fn held_for(&self, pref: &pb::PodRef) -> Option<Held> {
+        if pref.uid.is_empty() {
+            self.enroller.table.find(&pref.namespace, &pref.name)
+        } else {
+            self.enroller.table.get(&pref.uid)
         }
     }
 }
@@ -513,18 +619,16 @@ impl PodHandler for Controller {
         let Some(pref) = req.pod.as_ref() else {
             return Ok(());
         };
-        let held = if pref.uid.is_empty() {
-            self.enroller.table.find(&pref.namespace, &pref.name)
-        } else {
-            self.enroller.table.get(&pref.uid)
+        let Some(h) = self.held_for(pref) else {
+            return Ok(());
         };
-        if let Some(h) = held {
-            // The sandbox is going away: its netns (and rules) with it.
-            self.enroller
-                .remove(&h.id, true)
-                .await
-                .map_err(|e| Status::unavailable(e.to_string()))?;
-        }
+        // The sandbox is going away: its netns (and rules) with it. Keyed by container
+        // ID: a late DEL of a replaced sandbox leaves its successor captured.
+        let sandbox = req.attachment.map(|a| a.container_id).unwrap_or_default();
+        self.enroller
+            .release_sandbox(&h.id, &sandbox)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         Ok(())
     }
 
@@ -534,7 +638,7 @@ impl PodHandler for Controller {
             ok: true,
             message: message.into(),
         };
-        let Some(h) = self.enroller.table.find(&pref.namespace, &pref.name) else {
+        let Some(h) = self.held_for(pref) else {
             return match self.cached(&pref.namespace, &pref.name) {
                 Some(f) if self.policy.evaluate(&f.pod, &f.namespace_labels).is_ok() => {
                     Ok(pb::CheckResponse {
@@ -545,6 +649,16 @@ impl PodHandler for Controller {
                 _ => Ok(ok("not in mesh")),
             };
         };
+        let sandbox = req.attachment.map(|a| a.container_id).unwrap_or_default();
+        if !super::enroller::sandbox_matches(h.container_id.as_deref(), &sandbox) {
+            return Ok(pb::CheckResponse {
+                ok: false,
+                message: format!(
+                    "sandbox {sandbox} is not the one the agent holds for this pod ({})",
+                    h.container_id.as_deref().unwrap_or_default()
+                ),
+            });
+        }
         let Some(ns) = h.netns.clone() else {
             return Ok(pb::CheckResponse {
                 ok: false,
@@ -591,10 +705,121 @@ impl PodHandler for Controller {
             if let Some(cid) = &h.container_id {
                 if !valid.contains(cid) {
                     info!(pod = %h.id, "GC: sandbox no longer valid");
-                    let _ = self.enroller.remove(&h.id, true).await;
+                    // Under the pod's lock: an ADD that replaced the sandbox meanwhile wins.
+                    let _ = self.enroller.release_sandbox(&h.id, cid).await;
                 }
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::enroller::Effects;
+    use crate::mesh::hooks::{NoProbeSet, NoStatus};
+    use crate::mesh::persist::Store;
+    use crate::mesh::table::Table;
+    use iptables_rules::backend::{BackendKind, Installed, RulesBackend};
+    use iptables_rules::config::InpodConfig;
+    use iptables_rules::error::RulesError;
+    use iptables_rules::redirector::Redirector;
+    use serde_json::json;
+
+    /// Rules are never reached: the pod's netns is never found.
+    struct NoRules;
+    impl RulesBackend for NoRules {
+        fn kind(&self) -> BackendKind {
+            BackendKind::Nftables
+        }
+        fn apply(&self, _: &InpodConfig) -> Result<(), RulesError> {
+            unreachable!("no netns, no rules")
+        }
+        fn remove(&self, _: &InpodConfig) -> Result<(), RulesError> {
+            unreachable!("no netns, no rules")
+        }
+        fn installed(&self, _: &InpodConfig) -> Result<Installed, RulesError> {
+            unreachable!("no netns, no rules")
+        }
+    }
+
+    struct NoSource;
+    #[tonic::async_trait]
+    impl PodSource for NoSource {
+        fn name(&self) -> &'static str {
+            "none"
+        }
+        async fn run(self: Arc<Self>, _: mpsc::Sender<SourceEvent>) {}
+        async fn get(&self, _: &str, _: &str) -> Result<Option<Found>, String> {
+            Ok(None)
+        }
+    }
+
+    fn pod(version: usize) -> Arc<Pod> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "metadata": {"namespace": "mesh", "name": "web", "uid": "u-web",
+                             "resourceVersion": version.to_string()},
+                "spec": {"containers": []},
+                "status": {"phase": "Running", "podIP": "10.1.2.3", "podIPs": [{"ip": "10.1.2.3"}]},
+            }))
+            .unwrap(),
+        )
+    }
+
+    /// A mesh pod whose netns can never be found (an empty host /proc): every
+    /// reconcile fails with a retryable error.
+    fn controller(dir: &std::path::Path) -> Arc<Controller> {
+        let proc_dir = dir.join("proc");
+        std::fs::create_dir_all(&proc_dir).unwrap();
+        let enroller = Enroller::new(
+            Arc::new(Table::default()),
+            Effects {
+                redirector: Arc::new(Redirector::new(Box::new(NoRules))),
+                probes: Arc::new(NoProbeSet),
+                status: Arc::new(NoStatus),
+                store: Store::open(dir.join("pods")).unwrap(),
+            },
+            proc_dir,
+            iptables_rules::netns::NsId { dev: 0, ino: 0 },
+        );
+        let ctl = Controller::new(Policy::default(), Arc::new(enroller), Arc::new(NoSource));
+        ctl.absorb(&SourceEvent::Namespace {
+            name: "mesh".into(),
+            labels: [("istio.io/dataplane-mode".to_owned(), "ambient".to_owned())].into(),
+        });
+        ctl
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn updates_to_an_unenrollable_pod_share_one_retry_timer() {
+        let dir = std::env::temp_dir().join(format!("acni-retry-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let ctl = controller(&dir);
+        for v in 0..100 {
+            ctl.clone().handle(SourceEvent::Pod(pod(v)));
+        }
+        // Watch a few backoff rounds: never more than the one timer.
+        let until = tokio::time::Instant::now() + Duration::from_millis(1500);
+        let mut most = 0;
+        while tokio::time::Instant::now() < until {
+            most = most.max(ctl.retry_timers());
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(most, 1, "one retry chain per pod");
+        assert_eq!(ctl.retrying_pods(), 1);
+        assert!(ctl.enroller.table.get("u-web").is_none());
+
+        // Deleted: its state goes at once, its timer when it next wakes.
+        ctl.clone().handle(SourceEvent::PodDeleted(pod(100)));
+        assert_eq!(ctl.retrying_pods(), 0, "the retry map forgets deleted pods");
+        let until = tokio::time::Instant::now() + RETRY_MAX + Duration::from_secs(1);
+        while ctl.retry_timers() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(ctl.retry_timers(), 0, "no chain outlives its pod");
+        assert_eq!(ctl.retrying_pods(), 0);
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -35,7 +35,7 @@ fn fix_for(skip: Skip, ns: &str, pod: &str) -> String {
                 .into()
         }
         Skip::Terminal => "the pod has finished; nothing to capture".into(),
-        Skip::Ztunnel | Skip::Agent => "mesh infrastructure is never captured".into(),
+        Skip::Ztunnel => "mesh infrastructure is never captured".into(),
     }
 }
 

@@ -55,6 +55,17 @@ impl EnrollError {
     }
 }
 
+/// Whether a runtime request for sandbox `requested` concerns the held pod whose
+/// sandbox is `held`. Like the reference plugins, requests are keyed by container ID;
+/// a pod held without one (enrolled by a namespace relabel or a /proc scan) and a
+/// request without one (nothing to compare) match.
+pub fn sandbox_matches(held: Option<&str>, requested: &str) -> bool {
+    match held {
+        Some(h) if !h.is_empty() && !requested.is_empty() => h == requested,
+        _ => true,
+    }
+}
+
 /// What is needed to enrol one pod.
 #[derive(Debug, Clone)]
 pub struct Request {
@@ -226,6 +237,7 @@ impl Enroller {
                 name: req.id.name.clone(),
                 netns_path: path,
                 netns_inode: netns.id().ino,
+                container_id: req.container_id.clone(),
             };
             if let Err(e) = self.store.save(&rec) {
                 warn!(error = %e, "cannot record the pod's netns (a restart will scan /proc for it)");
@@ -318,12 +330,51 @@ impl Enroller {
     /// Takes a pod out of the mesh. `deleted`: the pod (and its netns) is going
     /// away, so its rules are left to die with it.
     pub async fn remove(&self, id: &PodId, deleted: bool) -> Result<(), EnrollError> {
+        self.remove_if(id, deleted, |_| true).await.map(|_| ())
+    }
+
+    /// The runtime's DEL (or GC) of sandbox `container_id`: releases the pod only when
+    /// that sandbox is the one held (see [`sandbox_matches`]), so a late DEL of a
+    /// replaced sandbox cannot release its running successor. Returns whether it released.
+    pub async fn release_sandbox(
+        &self,
+        id: &PodId,
+        container_id: &str,
+    ) -> Result<bool, EnrollError> {
+        self.remove_if(id, true, |h| {
+            let matches = sandbox_matches(h.container_id.as_deref(), container_id);
+            if !matches {
+                info!(
+                    sandbox = container_id,
+                    held = h.container_id.as_deref().unwrap_or_default(),
+                    "DEL of a sandbox that is not the held one: ignored"
+                );
+            }
+            matches
+        })
+        .await
+    }
+
+    /// Releases a held pod if `wanted` says so; checked under the pod's lock, so an
+    /// ADD that replaces the sandbox meanwhile is seen.
+    async fn remove_if(
+        &self,
+        id: &PodId,
+        deleted: bool,
+        wanted: impl FnOnce(&Held) -> bool,
+    ) -> Result<bool, EnrollError> {
         let span = info_span!("release", namespace = %id.namespace, pod = %id.name, uid = %id.uid);
         async {
             let lock = self.pod_lock(&id.uid);
             let _guard = lock.lock().await;
+            let Some(current) = self.table.get(&id.uid) else {
+                return Ok(false);
+            };
+            if !wanted(&current) {
+                return Ok(false);
+            }
             let Some(held) = self.table.take(&id.uid) else {
-                return Ok(());
+                return Ok(false);
             };
             if let Err(e) = self.probes.remove(&id.uid) {
                 warn!(error = %e, "cannot remove the pod's IPs from the host probe set");
@@ -352,7 +403,7 @@ impl Enroller {
                 warn!(error = %e, "cannot remove the pod's annotation");
             }
             info!(deleted, "pod released");
-            Ok(())
+            Ok(true)
         }
         .instrument(span)
         .await

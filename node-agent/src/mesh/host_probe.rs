@@ -63,72 +63,160 @@ impl ProbeSet for NftProbeSet {
 }
 
 /// The kubelet's uid, found as Istio does: a process whose `comm` is `kubelet`
-/// or `kubelite` (with "kubelet" in its argv) or `k3s`.
+/// or `kubelite` (with "kubelet" in its argv) or `k3s`. The host /proc also lists
+/// pod processes, which may call themselves anything: a process in a pod's cgroup
+/// or in another mount namespace than the host's PID 1 is never taken for the
+/// kubelet. Unreadable entries are skipped, never the end of the scan.
 pub fn kubelet_uid(host_proc: &Path) -> Option<u32> {
+    let host_mnt = std::fs::read_link(host_proc.join("1/ns/mnt")).ok();
     let rd = std::fs::read_dir(host_proc).ok()?;
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let Some(pid) = name
-            .to_str()
-            .filter(|s| s.bytes().all(|b| b.is_ascii_digit()))
-        else {
-            continue;
-        };
-        let dir = host_proc.join(pid);
-        let Ok(comm) = std::fs::read_to_string(dir.join("comm")) else {
-            continue;
-        };
-        let comm = comm.trim();
-        let argv_ok = || {
-            std::fs::read(dir.join("cmdline"))
-                .map(|c| String::from_utf8_lossy(&c).contains("kubelet"))
-                .unwrap_or(false)
-        };
-        let is_kubelet = match comm {
-            "kubelet" | "kubelite" => argv_ok(),
-            "k3s" => true,
-            _ => false,
-        };
-        if !is_kubelet {
-            continue;
-        }
-        let status = std::fs::read_to_string(dir.join("status")).ok()?;
-        return status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|u| u.parse().ok());
+    let mut pids: Vec<u64> = rd
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    // Lowest pid first: deterministic, and the node's kubelet predates pods.
+    pids.sort_unstable();
+    pids.into_iter()
+        .find_map(|pid| kubelet_process_uid(&host_proc.join(pid.to_string()), host_mnt.as_deref()))
+}
+
+/// The uid of the process at `dir` if it is the host's kubelet.
+fn kubelet_process_uid(dir: &Path, host_mnt: Option<&Path>) -> Option<u32> {
+    let comm = std::fs::read_to_string(dir.join("comm")).ok()?;
+    let is_kubelet = match comm.trim() {
+        "kubelet" | "kubelite" => std::fs::read(dir.join("cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains("kubelet")),
+        "k3s" => true,
+        _ => false,
+    };
+    if !is_kubelet {
+        return None;
     }
-    None
+    if let Ok(cg) = std::fs::read_to_string(dir.join("cgroup")) {
+        if !matches!(crate::discovery::cgroup::pod_uid(&cg), Ok(None)) {
+            info!(process = %dir.display(), "a process named like the kubelet runs in a pod: ignored");
+            return None;
+        }
+    }
+    if let Some(host) = host_mnt {
+        if std::fs::read_link(dir.join("ns/mnt")).ok().as_deref() != Some(host) {
+            info!(process = %dir.display(), "a process named like the kubelet runs in another mount namespace: ignored");
+            return None;
+        }
+    }
+    let status = std::fs::read_to_string(dir.join("status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|u| u.parse().ok())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// A fake /proc entry: comm, cmdline, status, cgroup, and ns/mnt as a symlink.
+    struct Proc<'a> {
+        comm: &'a str,
+        cmdline: &'a str,
+        uid: Option<u32>,
+        cgroup: &'a str,
+        mnt: &'a str,
+    }
+
+    const HOST_CG: &str = "0::/system.slice/kubelet.service\n";
+    const POD_CG: &str =
+        "0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod0b8c11aa_2b1c_4d3e_8f9a_0123456789ab.slice/cri-containerd-1.scope\n";
+
+    fn mk(root: &Path, pid: u32, p: &Proc<'_>) {
+        let d = root.join(pid.to_string());
+        std::fs::create_dir_all(d.join("ns")).unwrap();
+        std::fs::write(d.join("comm"), format!("{}\n", p.comm)).unwrap();
+        std::fs::write(d.join("cmdline"), p.cmdline.replace(' ', "\0")).unwrap();
+        std::fs::write(d.join("cgroup"), p.cgroup).unwrap();
+        std::os::unix::fs::symlink(p.mnt, d.join("ns/mnt")).unwrap();
+        match p.uid {
+            Some(uid) => std::fs::write(
+                d.join("status"),
+                format!("Name:\t{}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n", p.comm),
+            )
+            .unwrap(),
+            // A status that cannot be read as a file.
+            None => std::fs::create_dir(d.join("status")).unwrap(),
+        }
+    }
+
+    fn tree(tag: &str) -> std::path::PathBuf {
+        let root = std::env::temp_dir().join(format!("acni-proc-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        mk(
+            &root,
+            1,
+            &Proc {
+                comm: "systemd",
+                cmdline: "/sbin/init",
+                uid: Some(0),
+                cgroup: "0::/init.scope\n",
+                mnt: "mnt:[4026531841]",
+            },
+        );
+        root
+    }
+
     #[test]
     fn finds_kubelet_in_a_proc_tree() {
-        let root = std::env::temp_dir().join(format!("acni-proc-{}", std::process::id()));
-        let mk = |pid: &str, comm: &str, cmdline: &str, uid: u32| {
-            let d = root.join(pid);
-            std::fs::create_dir_all(&d).unwrap();
-            std::fs::write(d.join("comm"), format!("{comm}\n")).unwrap();
-            std::fs::write(d.join("cmdline"), cmdline.replace(' ', "\0")).unwrap();
-            std::fs::write(
-                d.join("status"),
-                format!("Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"),
-            )
-            .unwrap();
+        let root = tree("a");
+        let host = |comm, cmdline, uid| Proc {
+            comm,
+            cmdline,
+            uid: Some(uid),
+            cgroup: HOST_CG,
+            mnt: "mnt:[4026531841]",
         };
-        mk("10", "bash", "bash -c kubelet", 5);
-        mk("11", "kubelet", "/usr/bin/other", 6);
+        mk(&root, 10, &host("bash", "bash -c kubelet", 5));
+        mk(&root, 11, &host("kubelet", "/usr/bin/other", 6));
         assert_eq!(
             kubelet_uid(&root),
             None,
             "comm and argv must both say kubelet"
         );
-        mk("12", "kubelet", "/usr/bin/kubelet --config x", 1000);
+        mk(
+            &root,
+            12,
+            &host("kubelet", "/usr/bin/kubelet --config x", 1000),
+        );
         assert_eq!(kubelet_uid(&root), Some(1000));
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    /// Pod processes named `kubelet`/`k3s` (in a pod cgroup, or in their own mount
+    /// namespace) and an unreadable status come first in pid order: none of them ends
+    /// the scan or lends its uid; the host's kubelet is found after them.
+    #[test]
+    fn impostors_and_unreadable_entries_are_skipped() {
+        let root = tree("b");
+        let kubelet = "/usr/bin/kubelet --config x";
+        let cases = [
+            (20, "kubelet", POD_CG, "mnt:[4026531841]", Some(65534)),
+            (21, "k3s", HOST_CG, "mnt:[4026532999]", Some(65533)),
+            (22, "kubelet", HOST_CG, "mnt:[4026531841]", None),
+            (30, "kubelet", HOST_CG, "mnt:[4026531841]", Some(0)),
+        ];
+        for (pid, comm, cgroup, mnt, uid) in cases {
+            mk(
+                &root,
+                pid,
+                &Proc {
+                    comm,
+                    cmdline: kubelet,
+                    uid,
+                    cgroup,
+                    mnt,
+                },
+            );
+        }
+        assert_eq!(kubelet_uid(&root), Some(0));
         std::fs::remove_dir_all(&root).unwrap();
     }
 }

@@ -29,9 +29,16 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
 /// Bound on the throttle memory (entries older than the window are pruned first).
 const EVENT_MEMORY: usize = 4096;
 
-/// The merge patch that sets (`Some`) or removes (`None`) the redirection annotation.
-pub fn redirection_patch(value: Option<&str>) -> serde_json::Value {
-    json!({"metadata": {"annotations": {REDIRECTION_ANNOTATION: value}}})
+/// The merge patch that sets (`Some`) or removes (`None`) the redirection annotation
+/// of the pod with `uid`. The UID (when known) is a precondition, as the kubelet's
+/// status patches carry it: a late write for a deleted pod is refused (409 Conflict)
+/// instead of landing on a same-named successor.
+pub fn redirection_patch(uid: &str, value: Option<&str>) -> serde_json::Value {
+    if uid.is_empty() {
+        json!({"metadata": {"annotations": {REDIRECTION_ANNOTATION: value}}})
+    } else {
+        json!({"metadata": {"uid": uid, "annotations": {REDIRECTION_ANNOTATION: value}}})
+    }
 }
 
 /// Writes pod status through the Kubernetes API.
@@ -131,7 +138,7 @@ fn timestamp(now: SystemTime) -> k8s_openapi::jiff::Timestamp {
 impl StatusWriter for KubeStatus {
     async fn set(&self, pod: &PodId, value: Option<&'static str>) -> Result<(), String> {
         let api: Api<Pod> = Api::namespaced(self.client.clone(), &pod.namespace);
-        let patch = Patch::Merge(redirection_patch(value));
+        let patch = Patch::Merge(redirection_patch(&pod.uid, value));
         let patched = tokio::time::timeout(
             WRITE_TIMEOUT,
             api.patch_status(&pod.name, &PatchParams::default(), &patch),
@@ -144,8 +151,16 @@ impl StatusWriter for KubeStatus {
         })?;
         match patched {
             Ok(_) => Ok(()),
-            // Removing the mark of a pod that is gone is done.
-            Err(kube::Error::Api(s)) if value.is_none() && s.is_not_found() => Ok(()),
+            // Removing the mark of a pod that is gone (or replaced by a same-named
+            // pod, which is not ours to touch) is done.
+            Err(kube::Error::Api(s)) if value.is_none() && (s.is_not_found() || s.code == 409) => {
+                Ok(())
+            }
+            Err(kube::Error::Api(s)) if s.code == 409 => Err(format!(
+                "not marking pod {pod} {REDIRECTION_ANNOTATION}={}: the pod of that name now has another uid ({})",
+                value.unwrap_or("(removed)"),
+                s.message
+            )),
             Err(e) => Err(format!(
                 "cannot patch {REDIRECTION_ANNOTATION}={} on pod {pod}: {}",
                 value.unwrap_or("(removed)"),
@@ -187,12 +202,16 @@ mod tests {
     #[test]
     fn patches_are_istios() {
         assert_eq!(
-            redirection_patch(Some("enabled")).to_string(),
+            redirection_patch("", Some("enabled")).to_string(),
             r#"{"metadata":{"annotations":{"ambient.istio.io/redirection":"enabled"}}}"#
         );
         assert_eq!(
-            redirection_patch(None).to_string(),
+            redirection_patch("", None).to_string(),
             r#"{"metadata":{"annotations":{"ambient.istio.io/redirection":null}}}"#
+        );
+        assert_eq!(
+            redirection_patch("u1", Some("enabled")).to_string(),
+            r#"{"metadata":{"annotations":{"ambient.istio.io/redirection":"enabled"},"uid":"u1"}}"#
         );
     }
 

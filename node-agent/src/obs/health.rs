@@ -200,7 +200,9 @@ mod tests {
             },
         ));
         let get = move |p: &'static str| {
-            tokio::task::spawn_blocking(move || http::get(addr, p, Duration::from_secs(5)).unwrap())
+            tokio::task::spawn_blocking(move || {
+                ambient_cni_tests::http::get(addr, p, Duration::from_secs(5)).unwrap()
+            })
         };
         assert_eq!(get("/healthz").await.unwrap(), (200, "ok\n".into()));
         assert_eq!(

@@ -1,10 +1,8 @@
 //! The small HTTP/1.1 server behind the health and metrics ports (hyper 1, GET/HEAD
-//! only, one handler and one set of [`Limits`] per port), and a blocking GET client for the
-//! demo and tools.
+//! only, one handler and one set of [`Limits`] per port).
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::io::{Read, Write};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -85,7 +83,7 @@ impl Reply {
 /// Maps a request path to a reply; called for GET and HEAD.
 pub type Handler = Arc<dyn Fn(&str) -> Reply + Send + Sync>;
 
-/// Errors of the HTTP server and client; each names the address.
+/// Errors of the HTTP server; each names the address.
 #[derive(Debug, thiserror::Error)]
 pub enum HttpError {
     /// The port could not be bound.
@@ -95,26 +93,6 @@ pub enum HttpError {
         addr: SocketAddr,
         /// The OS error.
         source: std::io::Error,
-    },
-    /// A GET failed at the socket level.
-    #[error("GET http://{addr}{path}: {source}")]
-    Get {
-        /// The server.
-        addr: SocketAddr,
-        /// The path.
-        path: String,
-        /// The OS error.
-        source: std::io::Error,
-    },
-    /// The answer was not HTTP.
-    #[error("GET http://{addr}{path}: malformed response: {what}")]
-    Malformed {
-        /// The server.
-        addr: SocketAddr,
-        /// The path.
-        path: String,
-        /// What was wrong.
-        what: String,
     },
 }
 
@@ -229,55 +207,14 @@ async fn serve_connection(
     }
 }
 
-/// A blocking `GET path` (HTTP/1.0, connection closed after); returns status and body.
-pub fn get(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(u16, String), HttpError> {
-    let io = |source| HttpError::Get {
-        addr,
-        path: path.to_owned(),
-        source,
-    };
-    let mut s = std::net::TcpStream::connect_timeout(&addr, timeout).map_err(io)?;
-    s.set_read_timeout(Some(timeout)).map_err(io)?;
-    s.set_write_timeout(Some(timeout)).map_err(io)?;
-    write!(
-        s,
-        "GET {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(io)?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(io)?;
-    parse_response(&raw).map_err(|what| HttpError::Malformed {
-        addr,
-        path: path.to_owned(),
-        what,
-    })
-}
-
-/// Splits a raw HTTP/1.x response into status and body.
-fn parse_response(raw: &[u8]) -> Result<(u16, String), String> {
-    let text = String::from_utf8_lossy(raw);
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| "no end of headers".to_owned())?;
-    let status_line = head.lines().next().unwrap_or_default();
-    let mut parts = status_line.split_whitespace();
-    match (parts.next(), parts.next().map(str::parse::<u16>)) {
-        (Some(v), Some(Ok(code))) if v.starts_with("HTTP/1.") => Ok((code, body.to_owned())),
-        _ => Err(format!("bad status line {status_line:?}")),
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use std::io::{Read, Write};
 
-    #[test]
-    fn parses_responses() {
-        let raw = b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 3\r\n\r\nno\n";
-        assert_eq!(parse_response(raw), Ok((503, "no\n".into())));
-        assert!(parse_response(b"garbage").is_err());
-        assert!(parse_response(b"SSH-2.0\r\n\r\n").is_err());
-    }
+    // The GET client lives in the development crate: the agent only serves HTTP.
+    use ambient_cni_tests::http::get;
+
+    use super::*;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn serves_get_head_and_refuses_other_methods() {

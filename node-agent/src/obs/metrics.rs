@@ -70,6 +70,11 @@ struct StateLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TypeLabel {
     r#type: &'static str,
 }
@@ -112,6 +117,7 @@ pub struct Metrics {
     install_repairs: Counter,
     installs: Family<ResultLabel, Counter>,
     install_ready: Gauge,
+    plugin_fallbacks: Family<OutcomeLabel, Counter>,
     hooks: RwLock<Vec<ScrapeHook>>,
     /// Serialises the `sync_*` read-then-add (two scrapes may run at once).
     sync: Mutex<()>,
@@ -215,7 +221,16 @@ impl Metrics {
             "1 while the plugin and its conflist entry are in place (Istio's name)",
             install_ready.clone(),
         );
+        let plugin_fallbacks = Family::<OutcomeLabel, Counter>::default();
+        r.register(
+            "ambient_cni_plugin_fallback",
+            "Plugin ADDs the agent did not answer, by what the decisions file allowed (counted by the plugin, read on scrape)",
+            plugin_fallbacks.clone(),
+        );
         // Known series start at 0, so rates and alerts work before the first event.
+        for outcome in ["pass_through", "fail_closed"] {
+            let _ = plugin_fallbacks.get_or_create(&OutcomeLabel { outcome });
+        }
         for state in ["enabled", "pending", "failed"] {
             pods.get_or_create(&StateLabel { state }).set(0);
         }
@@ -256,6 +271,7 @@ impl Metrics {
             install_repairs,
             installs,
             install_ready,
+            plugin_fallbacks,
             hooks: RwLock::new(Vec::new()),
             sync: Mutex::new(()),
         }
@@ -277,6 +293,15 @@ impl Metrics {
             self.istio_plugin_requests
                 .get_or_create(&ResponseCode { response_code })
                 .inc();
+        }
+    }
+
+    /// Plugin fallbacks counted since the last scrape: passed through, failed closed.
+    pub fn plugin_fallbacks(&self, pass_through: u64, fail_closed: u64) {
+        for (outcome, n) in [("pass_through", pass_through), ("fail_closed", fail_closed)] {
+            self.plugin_fallbacks
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc_by(n);
         }
     }
 
@@ -484,7 +509,8 @@ pub async fn serve_metrics(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::obs::expo;
+    // The strict exposition reader is a development tool (the agent only writes the format).
+    use ambient_cni_tests::expo;
 
     fn scrape(m: &Metrics) -> expo::Exposition {
         let text = m.render();
@@ -514,6 +540,7 @@ mod tests {
             ("ambient_cni_install_repairs", "counter"),
             ("istio_cni_installs", "counter"),
             ("istio_cni_install_ready", "gauge"),
+            ("ambient_cni_plugin_fallback", "counter"),
         ];
         let got: Vec<(&str, &str)> = e
             .families

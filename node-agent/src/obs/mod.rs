@@ -1,9 +1,8 @@
 //! Operability: the health port (`/healthz`, `/readyz`), the Prometheus metrics
-//! port (`/metrics`), the small HTTP server behind both, and a strict reader of
-//! the exposition format.
+//! port (`/metrics`) and the small HTTP server behind both.
 
 pub mod conns;
-pub mod expo;
+pub mod fallbacks;
 pub mod health;
 pub mod http;
 pub mod metrics;

@@ -150,17 +150,3 @@ impl PodSource for LocalSource {
         Ok(None)
     }
 }
-
-/// Writes a Pod or Namespace object into a local source directory atomically (tests, demo).
-pub fn write_object(
-    dir: &Path,
-    kind: &str,
-    file: &str,
-    obj: &serde_json::Value,
-) -> std::io::Result<()> {
-    let sub = dir.join(kind);
-    std::fs::create_dir_all(&sub)?;
-    let tmp = sub.join(format!(".{file}.tmp"));
-    std::fs::write(&tmp, serde_json::to_vec_pretty(obj)?)?;
-    std::fs::rename(tmp, sub.join(format!("{file}.json")))
-}

@@ -554,26 +554,42 @@ async fn serve(mut sock: TcpStream, state: Arc<Mutex<State>>) {
                 )
                 .await;
             }
-            let res = {
-                let mut s = state.lock().unwrap();
-                match s.coll(kind).objects.get(&key(n)).cloned() {
-                    Some(mut o) => {
-                        // pods/status only takes metadata (annotations, labels) and status.
-                        if let Some(p) = req.body.as_ref() {
-                            for part in ["metadata", "status"] {
-                                if !p[part].is_null() {
-                                    merge(&mut o[part], &p[part]);
+            let res =
+                {
+                    let mut s = state.lock().unwrap();
+                    match s.coll(kind).objects.get(&key(n)).cloned() {
+                        // A UID in the patch is a precondition (409 when it is not the pod's).
+                        Some(o)
+                            if req.body.as_ref().is_some_and(|p| {
+                                p["metadata"]["uid"].is_string()
+                                    && p["metadata"]["uid"] != o["metadata"]["uid"]
+                            }) =>
+                        {
+                            Err(format!(
+                            "Operation cannot be fulfilled on pods \"{n}\": Precondition failed: \
+                             UID in precondition: {}, UID in object meta: {}",
+                            req.body.as_ref().map_or(&Value::Null, |p| &p["metadata"]["uid"]),
+                            o["metadata"]["uid"]
+                        ))
+                        }
+                        Some(mut o) => {
+                            // pods/status only takes metadata (annotations, labels) and status.
+                            if let Some(p) = req.body.as_ref() {
+                                for part in ["metadata", "status"] {
+                                    if !p[part].is_null() {
+                                        merge(&mut o[part], &p[part]);
+                                    }
                                 }
                             }
+                            Ok(Some(s.put(kind, o, false)))
                         }
-                        Some(s.put(kind, o, false))
+                        None => Ok(None),
                     }
-                    None => None,
-                }
-            };
+                };
             match res {
-                Some(o) => respond(&mut sock, 200, &o).await,
-                None => {
+                Ok(Some(o)) => respond(&mut sock, 200, &o).await,
+                Err(msg) => respond(&mut sock, 409, &status(409, "Conflict", &msg)).await,
+                Ok(None) => {
                     respond(
                         &mut sock,
                         404,

@@ -36,6 +36,33 @@ pub fn cleanup(path: &Path) {
     }
 }
 
+/// Connects (blocking) from the calling thread, sends `ZdsHello{V1}`, and returns
+/// the length of the first packet received (0: closed by the server) within `limit`.
+pub fn blocking_hello_then_read(path: &Path, limit: Duration) -> usize {
+    let fd = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    connect(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+    let tv = nix::sys::time::TimeVal::new(limit.as_secs() as i64, 0);
+    nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv).unwrap();
+    let hello = ZdsHello {
+        version: Version::V1 as i32,
+    }
+    .encode_to_vec();
+    // The server may already have closed: a failed send is as good as EOF.
+    let _ = nix::sys::socket::send(fd.as_raw_fd(), &hello, MsgFlags::MSG_NOSIGNAL);
+    let mut buf = [0u8; 4096];
+    match nix::sys::socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
+        Ok(n) => n,
+        Err(nix::errno::Errno::ECONNRESET) => 0,
+        Err(e) => panic!("no answer and no close within {limit:?}: {e}"),
+    }
+}
+
 /// One fake ztunnel connection.
 pub struct Client {
     fd: AsyncFd<OwnedFd>,

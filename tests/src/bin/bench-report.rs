@@ -1,7 +1,8 @@
 //! Writes BENCHMARKS.md: runs the project's benches as child processes (each prints
 //! its own markdown table with a baseline measured in the same run), measures the
-//! plugin's size and RSS beside Debian's reference CNI plugins, and assembles one
-//! file headed by the machine it ran on. `scripts/bench.sh` is the one command.
+//! plugin's size and RSS beside Debian's reference CNI plugins (and the agent's size),
+//! and assembles one file headed by the machine it ran on. `scripts/bench.sh` is the
+//! one command.
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -175,7 +176,7 @@ fn footprint(plugin: &Path) -> Result<String> {
     }
     let env = [("CNI_COMMAND", "VERSION")];
     let our_rss = min_rss(plugin, &[], &env, 20)?;
-    let _ = writeln!(s, "plugin: `{}`\n", plugin.display());
+    let _ = writeln!(s, "plugin: `{}`\n", ambient_cni_tests::bench::shown(plugin));
     let _ = writeln!(
         s,
         "Baselines are Debian's reference CNI plugins in `/usr/lib/cni`, measured in the same run.\n"
@@ -212,6 +213,30 @@ fn footprint(plugin: &Path) -> Result<String> {
         our_rss as f64 / truth.max(1) as f64
     );
     Ok(s)
+}
+
+/// The agent's stripped release binary before the demo, its metrics-text parser and its
+/// HTTP client moved out into the development crate (issue 14), measured then in MiB.
+const AGENT_MIB_WITH_DEMO: f64 = 17.98;
+
+/// The shipped agent's size: one line, beside its size when it still carried the demo.
+fn agent_size(root: &Path, agent: &Path) -> String {
+    let shown = agent.strip_prefix(root).unwrap_or(agent);
+    match std::fs::metadata(agent) {
+        Ok(m) => {
+            let mib = m.len() as f64 / (1u64 << 20) as f64;
+            format!(
+                "ambient-cni-agent (stripped release build, `{}`): {mib:.2} MiB; {AGENT_MIB_WITH_DEMO:.2} MiB \
+                 when it still carried the demo (issue 14), {:.2}x that.\n",
+                shown.display(),
+                mib / AGENT_MIB_WITH_DEMO
+            )
+        }
+        Err(e) => format!(
+            "ambient-cni-agent `{}`: not measured: {e}\n",
+            shown.display()
+        ),
+    }
 }
 
 fn target_dir(root: &Path) -> PathBuf {
@@ -353,6 +378,11 @@ fn main() -> Result<()> {
             let _ = writeln!(doc, "not measured: {e:#}");
         }
     }
+    doc.push('\n');
+    doc.push_str(&agent_size(
+        &root,
+        &target_dir(&root).join("release/ambient-cni-agent"),
+    ));
     doc.push('\n');
     let _ = writeln!(doc, "## Image and pod start on a real kubelet node\n");
     let target = target_dir(&root);

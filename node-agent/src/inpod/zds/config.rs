@@ -18,6 +18,9 @@ pub struct ZdsConfig {
     /// Consecutive timeouts after which a connection is dropped as wedged
     /// (ztunnel then reconnects and gets a fresh snapshot).
     pub max_consecutive_timeouts: u32,
+    /// The only peer uid allowed to connect (`SO_PEERCRED`): whoever connects gets
+    /// every held pod's netns fd, so file permissions alone are not enough.
+    pub allowed_uid: u32,
 }
 
 impl Default for ZdsConfig {
@@ -29,6 +32,7 @@ impl Default for ZdsConfig {
             accept_interval: Duration::from_millis(200),
             queue_len: 100,
             max_consecutive_timeouts: 2,
+            allowed_uid: 0,
         }
     }
 }

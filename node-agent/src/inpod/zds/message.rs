@@ -81,7 +81,12 @@ pub fn encode(req: &WorkloadRequest) -> Result<Encoded, ZdsError> {
 /// Decodes ztunnel's first packet; returns the announced version.
 pub fn decode_hello(buf: &[u8]) -> Result<Version, String> {
     let hello = ZdsHello::decode(buf).map_err(|e| format!("bad ZdsHello: {e}"))?;
-    Version::try_from(hello.version).map_err(|_| format!("unknown ZDS version {}", hello.version))
+    match Version::try_from(hello.version) {
+        // 0 is protobuf's unset value: a hello that names no version is no hello.
+        Ok(Version::NotUsed) => Err("ZdsHello without a version (0)".into()),
+        Ok(v) => Ok(v),
+        Err(_) => Err(format!("unknown ZDS version {}", hello.version)),
+    }
 }
 
 /// Decodes an ack: `Ok(None)` for success, `Ok(Some(text))` for a nack.

@@ -234,14 +234,13 @@ async fn accept_loop(listener: ZdsListener, inner: Arc<Inner>, mut stop: watch::
             Ok(fd) => {
                 let id = inner.next_id.fetch_add(1, Ordering::Relaxed);
                 let name = format!("zds#{id}");
-                match getsockopt(&fd, PeerCredentials) {
-                    Ok(c) => info!(conn = %name, pid = c.pid(), uid = c.uid(), "ztunnel connected"),
-                    Err(e) => info!(conn = %name, "ztunnel connected (peer credentials: {e})"),
+                if peer_allowed(&fd, &name, inner.cfg.allowed_uid) {
+                    let mut tasks = lock(&inner.tasks);
+                    // Reap finished connection tasks so the set does not grow.
+                    while tasks.try_join_next().is_some() {}
+                    tasks.spawn(handle_connection(inner.clone(), id, name, fd));
                 }
-                let mut tasks = lock(&inner.tasks);
-                // Reap finished connection tasks so the set does not grow.
-                while tasks.try_join_next().is_some() {}
-                tasks.spawn(handle_connection(inner.clone(), id, name, fd));
+                // A refused peer's socket closes here, before it is sent anything.
             }
             Err(e) => warn!(path = %listener.path().display(), "accept failed: {e}"),
         }
@@ -252,6 +251,26 @@ async fn accept_loop(listener: ZdsListener, inner: Arc<Inner>, mut stop: watch::
         }
     }
     drop(listener);
+}
+
+/// Whether the peer is the allowed uid: whoever gets past hello is sent every held
+/// pod's netns fd, so the socket's file mode alone (which `DAC_OVERRIDE` passes) is not enough.
+fn peer_allowed(fd: &std::os::fd::OwnedFd, name: &str, allowed_uid: u32) -> bool {
+    match getsockopt(fd, PeerCredentials) {
+        Ok(c) if c.uid() == allowed_uid => {
+            info!(conn = %name, pid = c.pid(), uid = c.uid(), "ztunnel connected");
+            true
+        }
+        Ok(c) => {
+            warn!(conn = %name, pid = c.pid(), uid = c.uid(), allowed_uid,
+                "refused a ZDS peer with a foreign uid");
+            false
+        }
+        Err(e) => {
+            warn!(conn = %name, "refused a ZDS peer whose credentials cannot be read: {e}");
+            false
+        }
+    }
 }
 
 async fn handle_connection(inner: Arc<Inner>, id: u64, name: String, fd: std::os::fd::OwnedFd) {

@@ -1,5 +1,6 @@
 //! A strict reader of the Prometheus / OpenMetrics text exposition format: the
-//! demo prints the agent's metrics with it and tests check `/metrics` with it.
+//! demo prints the agent's metrics with it and the agent's tests check `/metrics`
+//! with it (a development tool: the shipped agent only writes the format).
 //!
 //! Strict on purpose: unknown comment kinds, samples outside their family,
 //! duplicate series, bad names, bad escapes, text after `# EOF` and
