@@ -28,6 +28,7 @@ cleanup() {
   if [ -n "${fuzz_build:-}" ]; then kill -- "-$fuzz_build" 2>/dev/null || true; fi
   if [ -n "${peers_build:-}" ]; then kill -- "-$peers_build" 2>/dev/null || true; fi
   if [ -n "${kube_started:-}" ]; then "$peers/kube.sh" stop --dir "$KUBE_PEER_DIR" >/dev/null 2>&1 || true; fi
+  if [ -n "${node_started:-}" ]; then "$peers/node.sh" stop >/dev/null 2>&1 || true; fi
 }
 trap cleanup EXIT
 peers=../shared/peers
@@ -49,14 +50,16 @@ if [ "$fuzz_secs" != 0 ]; then
   fuzz_build=$!
 fi
 
-# The real peers (stock ztunnel, a real kube-apiserver) are built by ../shared/peers when it
-# is there (CI; cached after the first build), beside our own build: both are long, and the
-# peers' downloads and link steps leave CPU idle. Elsewhere the interop tests skip unless
-# ZTUNNEL_BIN / KUBECONFIG point at yours.
+# The real peers (stock ztunnel, a real kube-apiserver, a real kubelet node) are built by
+# ../shared/peers when it is there (CI; cached after the first build), beside our own build:
+# all are long, and the peers' downloads and link steps leave CPU idle. One after the other:
+# kube.sh and node.sh both apt-get. Elsewhere the interop tests skip unless ZTUNNEL_BIN /
+# KUBECONFIG point at yours, and the node lifecycle suite unless NODE_KUBECONFIG does.
 if [ -z "$quick" ] && [ -d "$peers" ] && [ -z "${ZTUNNEL_BIN:-}" ]; then
-  step "real peers: stock ztunnel and kube-apiserver (building in the background)"
+  step "real peers: stock ztunnel, kube-apiserver, kubelet node (building in the background)"
   mkdir -p target
-  setsid bash -c 'set -euo pipefail; "$1/ztunnel.sh" | tail -1 > target/peers.env; "$1/kube.sh" build' \
+  setsid bash -c 'set -euo pipefail; "$1/ztunnel.sh" | tail -1 > target/peers.env
+                  "$1/kube.sh" build; "$1/node.sh" build' \
     _ "$peers" > target/peers-build.log 2>&1 &
   peers_build=$!
 fi
@@ -66,6 +69,11 @@ cargo build --release --workspace --bins
 cargo build --release -p ambient-cni --target x86_64-unknown-linux-musl
 export AMBIENT_CNI_PLUGIN="$PWD/target/x86_64-unknown-linux-musl/release/ambient-cni"
 export AMBIENT_CNI_AGENT="$PWD/target/release/ambient-cni-agent"
+
+if [ -z "$quick" ]; then
+  step "image (scripts/image.sh: static binaries, no registry)"
+  ./scripts/image.sh target/ambient-cni-image.tar
+fi
 
 if [ -n "${peers_build:-}" ]; then
   step "real peers: waiting for their build (log target/peers-build.log)"
@@ -90,7 +98,8 @@ step "tests"
 export CHURN_FULL="${CHURN_FULL:-1}"
 [ "$CHURN_FULL" = 0 ] && unset CHURN_FULL
 status=0
-cargo test --release --workspace --no-fail-fast || status=$?
+# The node lifecycle suite runs on its own below, once the kubelet node is up.
+cargo test --release --workspace --no-fail-fast -- --skip node_lifecycle || status=$?
 
 if [ "$fuzz_secs" != 0 ]; then
   step "fuzz: every target for ${fuzz_secs}s (FUZZ_SECONDS; 0 skips)"
@@ -106,6 +115,26 @@ fi
 if [ -z "$quick" ] && [ -x manifests/validate.sh ]; then
   step "manifests and Helm chart"
   manifests/validate.sh
+fi
+
+# The real kubelet node needs the ports of the kube-apiserver peer (6443): that one stops first.
+if [ -z "$quick" ] && [ -d "$peers" ]; then
+  step "node lifecycle: our image and chart on a real kubelet node (../shared/peers/node.sh)"
+  if [ -n "${kube_started:-}" ]; then
+    "$peers/kube.sh" stop --dir "$KUBE_PEER_DIR" >/dev/null; kube_started=
+  fi
+  "$peers/node.sh" build >/dev/null   # built in the background above; 0 s when cached
+  node_started=1
+  node_kc=$("$peers/node.sh" start --node | tail -1)
+  export NODE_KUBECONFIG=${node_kc#KUBECONFIG=}
+  helm_line=$("$peers/helm.sh" | tail -1)
+  export HELM_BIN=${helm_line#HELM_BIN=}
+  export AMBIENT_CNI_IMAGE_TAR="$PWD/target/ambient-cni-image.tar"
+  export NODE_BENCH_OUT="$PWD/target/node-pod-start.json"
+  node_status=0
+  cargo test --release -p ambient-cni-tests --test node_lifecycle -- --nocapture || node_status=$?
+  "$peers/node.sh" stop >/dev/null; node_started=
+  [ "$node_status" -eq 0 ] || { echo "node lifecycle suite failed"; exit "$node_status"; }
 fi
 
 step "leftovers"

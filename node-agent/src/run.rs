@@ -266,6 +266,14 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             Ok(()) => info!("host probe rules removed (uninstall)"),
             Err(e) => error!(error = %e, "host probe rules: removal failed"),
         }
+        // Nothing of ours stays on the host: no successor will bind these (on an upgrade
+        // they stay, and the next agent replaces them).
+        for path in [
+            crate::admin::socket_path(&args.run_dir),
+            args.ztunnel_uds_address.clone(),
+        ] {
+            remove_our_socket(&path);
+        }
     }
     let _ = std::fs::remove_file(&socket);
     info!("stopped (in-pod rules stay in place)");
@@ -285,5 +293,16 @@ pub async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => info!("SIGTERM"),
         _ = int.recv() => info!("SIGINT"),
+    }
+}
+
+/// Removes the socket at `path` if it is one (never another kind of file).
+fn remove_our_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt as _;
+    let is_socket = std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket());
+    if is_socket {
+        if let Err(e) = std::fs::remove_file(path) {
+            warn!(path = %path.display(), error = %e, "cannot remove socket at uninstall");
+        }
     }
 }

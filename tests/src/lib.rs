@@ -18,6 +18,7 @@ pub mod demo;
 pub mod expo;
 pub mod http;
 pub mod kubelet;
+pub mod node;
 pub mod peers;
 
 /// Where Debian's `containernetworking-plugins` puts the reference plugins.
@@ -117,6 +118,8 @@ pub fn try_ip(args: &[&str]) -> Result<String, String> {
 #[derive(Debug)]
 pub struct NamedNetns {
     name: String,
+    /// Made by this test (deleted on drop), or someone else's, e.g. a runtime's pod netns.
+    owned: bool,
 }
 
 impl NamedNetns {
@@ -131,6 +134,7 @@ impl NamedNetns {
         // From here on, drop deletes it (also when bringing lo up fails).
         let ns = Self {
             name: name.to_owned(),
+            owned: true,
         };
         try_ip(&["-n", name, "link", "set", "lo", "up"])
             .map_err(|e| format!("netns {name}: {e}"))?;
@@ -147,6 +151,15 @@ impl NamedNetns {
     pub fn keep(self) -> String {
         let mut this = std::mem::ManuallyDrop::new(self);
         std::mem::take(&mut this.name)
+    }
+
+    /// An existing `/var/run/netns/<name>` made by someone else (a container runtime's pod
+    /// netns): probed like ours, never deleted by the test.
+    pub fn existing(name: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            owned: false,
+        }
     }
 
     /// The netns name.
@@ -178,6 +191,9 @@ impl Default for NamedNetns {
 
 impl Drop for NamedNetns {
     fn drop(&mut self) {
+        if !self.owned {
+            return;
+        }
         let _ = Command::new("ip")
             .args(["netns", "delete", &self.name])
             .status();

@@ -30,7 +30,7 @@ pub const EPHEMERAL_PORTS: [&str; 4] = [
 ];
 
 /// Says a test is skipped for `why`, or panics when `CI` is set (CI provides every peer).
-fn skip(test: &str, why: &str) {
+pub fn skip(test: &str, why: &str) {
     assert!(
         std::env::var_os("CI").is_none(),
         "{test}: {why}, and CI is set (see {PEERS_README})"

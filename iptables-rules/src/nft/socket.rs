@@ -351,10 +351,18 @@ fn reap(sock: Socket) {
             .spawn(move || {
                 // SCHED_IDLE: waking the reaper never preempts the thread that just applied
                 // rules; closes happen in spare CPU time. Best effort (keeps normal policy on error).
-                // SAFETY: sched_param is plain data; pid 0 means the calling thread.
+                // The raw syscall: musl's sched_setscheduler() is a stub (ENOSYS), and its
+                // sched_param has more fields than glibc's, hence zeroed.
+                // SAFETY: sched_param is plain data (all-zero is valid); pid 0 means the
+                // calling thread; the kernel only reads the struct.
                 unsafe {
-                    let param = libc::sched_param { sched_priority: 0 };
-                    libc::sched_setscheduler(0, libc::SCHED_IDLE, &param);
+                    let param: libc::sched_param = std::mem::zeroed();
+                    libc::syscall(
+                        libc::SYS_sched_setscheduler,
+                        0,
+                        libc::SCHED_IDLE,
+                        &param as *const libc::sched_param,
+                    );
                 }
                 for s in rx {
                     drop(s);

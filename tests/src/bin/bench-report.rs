@@ -27,6 +27,13 @@ struct Args {
     /// Skip the benches (header and plugin footprint only; for a quick check).
     #[arg(long)]
     no_benches: bool,
+    /// The image `scripts/image.sh` wrote (default: target/ambient-cni-image.tar).
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Pod-start figures the node lifecycle suite wrote (`NODE_BENCH_OUT`; default:
+    /// target/node-pod-start.json).
+    #[arg(long)]
+    node_results: Option<PathBuf>,
 }
 
 /// One bench: a title, the cargo arguments, and whether it may be skipped.
@@ -238,6 +245,72 @@ fn target_dir(root: &Path) -> PathBuf {
         .unwrap_or_else(|| root.join("target"))
 }
 
+/// The image's size (its one layer, uncompressed, and the tar as shipped) and the pod-start
+/// figures of the node lifecycle suite: mesh pods beside plain pods of the same run.
+fn node_section(image: &Path, results: &Path) -> String {
+    let mut s = String::new();
+    let mib = |b: u64| b as f64 / (1u64 << 20) as f64;
+    match std::fs::metadata(image) {
+        Ok(m) => {
+            let _ = writeln!(
+                s,
+                "Image: `scripts/image.sh` (static musl binaries on an empty base, one layer), \
+                 `{}`: **{:.2} MiB** uncompressed (goal: under 15 MiB).\n",
+                image.display(),
+                mib(m.len())
+            );
+        }
+        Err(_) => {
+            let _ = writeln!(
+                s,
+                "Image: not measured (`scripts/image.sh {}` first).\n",
+                image.display()
+            );
+        }
+    }
+    let Ok(text) = std::fs::read_to_string(results) else {
+        let _ = writeln!(
+            s,
+            "Pod start: not measured (the node lifecycle suite writes `{}`; `scripts/test.sh` runs it).",
+            results.display()
+        );
+        return s;
+    };
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    let f = |k: &str, p: &str| v[k][p].as_f64().unwrap_or(f64::NAN);
+    let _ = writeln!(
+        s,
+        "Pod start through the kubelet (`node.sh`: kubelet v1.20.2, containerd 1.6, bridge CNI; \
+         our chart installed): created (API call) to Ready (polled every 10 ms; \
+         no readiness probe, so Ready follows the container start, which the kubelet notices on \
+         its 1 s PLEG relist), {} mesh pods and {} plain pods alternating, one at a time. \
+         Baseline: the plain pods of the same run (bridge + host-local + portmap, our plugin \
+         passes them through).\n",
+        v["pods_each"], v["pods_each"]
+    );
+    let _ = writeln!(
+        s,
+        "| pods | p50 ms | p99 ms | p50 over plain | p99 over plain |"
+    );
+    let _ = writeln!(s, "|---|---|---|---|---|");
+    let (m50, m99, p50, p99) = (
+        f("mesh_ms", "p50"),
+        f("mesh_ms", "p99"),
+        f("plain_ms", "p50"),
+        f("plain_ms", "p99"),
+    );
+    let _ = writeln!(s, "| plain (baseline) | {p50:.0} | {p99:.0} | - | - |");
+    let _ = writeln!(
+        s,
+        "| mesh (captured) | {m50:.0} | {m99:.0} | {:+.0} ms ({:.2}x) | {:+.0} ms ({:.2}x) |",
+        m50 - p50,
+        m50 / p50,
+        m99 - p99,
+        m99 / p99
+    );
+    s
+}
+
 fn default_plugin(root: &Path) -> PathBuf {
     let target = target_dir(root);
     let musl = target.join("x86_64-unknown-linux-musl/release/ambient-cni");
@@ -309,6 +382,19 @@ fn main() -> Result<()> {
     doc.push_str(&agent_size(
         &root,
         &target_dir(&root).join("release/ambient-cni-agent"),
+    ));
+    doc.push('\n');
+    let _ = writeln!(doc, "## Image and pod start on a real kubelet node\n");
+    let target = target_dir(&root);
+    doc.push_str(&node_section(
+        &args
+            .image
+            .clone()
+            .unwrap_or_else(|| target.join("ambient-cni-image.tar")),
+        &args
+            .node_results
+            .clone()
+            .unwrap_or_else(|| target.join("node-pod-start.json")),
     ));
     doc.push('\n');
     let mut failed = Vec::new();
