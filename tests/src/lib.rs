@@ -343,6 +343,20 @@ pub fn exec_timed(mut cmd: Command, stdin: &[u8], limit: Duration) -> Exec {
     }
 }
 
+/// Runs the agent binary's CLI (`status`, `doctor`, …) to completion: (exit code, stdout + stderr).
+pub fn agent_cli(args: &[&str]) -> (i32, String) {
+    let out = Command::new(agent_bin())
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("exec {}: {e}", agent_bin().display()));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
 /// Waits for a child at most `limit`, killing it after; returns its exit code or -1.
 /// Blocks on a pidfd (woken by the exit itself), so the wait adds no polling delay.
 pub fn wait_limited(child: &mut Child, limit: Duration) -> i32 {

@@ -441,15 +441,42 @@ impl Drop for PeerEchoServer {
 
 /// Connects from inside `ns` to `to`; returns (our local address, the first line the server says).
 pub fn connect_from(ns: &NamedNetns, to: &str) -> Result<(SocketAddr, String), String> {
+    exchange_from(ns, to, None, Duration::from_secs(3))
+}
+
+/// An HTTP/1.0 `GET /` from inside `ns` to `to`: (our local address, the whole response).
+pub fn http_get_from(ns: &NamedNetns, to: &str) -> Result<(SocketAddr, String), String> {
+    exchange_from(
+        ns,
+        to,
+        Some(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n"),
+        Duration::from_secs(5),
+    )
+}
+
+/// Connects from inside `ns` to `to`, sends `request` if any, and reads the first line (no
+/// request) or everything until the server closes (a request).
+fn exchange_from(
+    ns: &NamedNetns,
+    to: &str,
+    request: Option<&'static [u8]>,
+    read_timeout: Duration,
+) -> Result<(SocketAddr, String), String> {
     let h = Netns::open(Path::new(&ns.path()), None).map_err(|e| e.to_string())?;
     let to: SocketAddr = to.parse().map_err(|e| format!("{to}: {e}"))?;
     h.run(move || -> Result<(SocketAddr, String), String> {
         let mut s =
             TcpStream::connect_timeout(&to, Duration::from_secs(3)).map_err(|e| e.to_string())?;
         let local = s.local_addr().map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(3)))
+        s.set_read_timeout(Some(read_timeout))
             .map_err(|e| e.to_string())?;
         let mut buf = Vec::new();
+        if let Some(req) = request {
+            s.write_all(req).map_err(|e| e.to_string())?;
+            s.read_to_end(&mut buf)
+                .map_err(|e| format!("read from {to}: {e}"))?;
+            return Ok((local, String::from_utf8_lossy(&buf).into_owned()));
+        }
         let mut chunk = [0u8; 256];
         // Read until the line ends (or EOF/timeout): the proxy may deliver it in pieces.
         while !buf.contains(&b'\n') {

@@ -277,16 +277,3 @@ fn the_agent_runs_with_no_new_privs_and_five_capabilities() {
     assert_eq!(caps("CapBnd:"), keep, "{status}");
     assert_eq!(caps("CapInh:"), 0, "{status}");
 }
-
-fn agent_cli(args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(agent_bin())
-        .args(args)
-        .output()
-        .expect("exec agent cli");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}

@@ -454,19 +454,6 @@ fn oversized_zds_message_is_refused_before_sending() {
     mesh.chain(5000).del(&att, None).expect("DEL");
 }
 
-fn agent_cli(args: &[&str]) -> (i32, String) {
-    let out = std::process::Command::new(agent_bin())
-        .args(args)
-        .output()
-        .expect("exec agent cli");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.code().unwrap_or(-1), text)
-}
-
 #[test]
 fn status_and_doctor_name_each_broken_link() {
     if !require_root("status_and_doctor_name_each_broken_link") {

@@ -14,8 +14,6 @@
 //! sets them); skips without them, fails instead when `CI` is set.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -25,7 +23,6 @@ use ambient_cni_tests::bench::pct;
 use ambient_cni_tests::node::*;
 use ambient_cni_tests::peers::*;
 use ambient_cni_tests::*;
-use iptables_rules::netns::Netns;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -404,7 +401,7 @@ impl World {
         let ip = pod_ip(server).expect("server IP");
         let name = server.metadata.name.clone().unwrap_or_default();
         let to = format!("{ip}:{APP_PORT}");
-        let (local, body) = http_from(client, &to)
+        let (local, body) = http_get_from(client, &to)
             .unwrap_or_else(|e| panic!("GET http://{to}/ from the client: {e}\n{}", self.diag()));
         assert!(body.contains(&format!("ok-{name}")), "{body}");
         let dst = format!("dst.addr={to}");
@@ -487,26 +484,6 @@ impl Drop for World {
         let _ = ctr(&["images", "rm", &self.next_image]);
         self.zt.take();
     }
-}
-
-/// An HTTP/1.0 GET of `/` to `to` from inside `ns`: (our local address, the response).
-fn http_from(ns: &NamedNetns, to: &str) -> Result<(SocketAddr, String), String> {
-    let h = Netns::open(Path::new(&ns.path()), None).map_err(|e| e.to_string())?;
-    let to: SocketAddr = to.parse().map_err(|e| format!("{to}: {e}"))?;
-    h.run(move || -> Result<(SocketAddr, String), String> {
-        let mut s =
-            TcpStream::connect_timeout(&to, Duration::from_secs(3)).map_err(|e| e.to_string())?;
-        let local = s.local_addr().map_err(|e| e.to_string())?;
-        s.set_read_timeout(Some(Duration::from_secs(5)))
-            .map_err(|e| e.to_string())?;
-        s.write_all(b"GET / HTTP/1.0\r\nHost: web\r\n\r\n")
-            .map_err(|e| e.to_string())?;
-        let mut out = Vec::new();
-        s.read_to_end(&mut out)
-            .map_err(|e| format!("read from {to}: {e}"))?;
-        Ok((local, String::from_utf8_lossy(&out).into_owned()))
-    })
-    .map_err(|e| e.to_string())?
 }
 
 /// Watches captured pods' netns in the background: their rules stay complete and ztunnel's
