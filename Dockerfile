@@ -28,7 +28,8 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
     target="$(cat /rust-target)" \
-    && cargo build --release --locked --target "$target" -p ambient-cni -p ambient-cni-agent \
+    && cargo build --release --locked --target "$target" -p ambient-cni \
+    && cargo build --release --locked --target "$target" -p ambient-cni-agent \
     && mkdir -p /out/rootfs/usr/local/bin /out/rootfs/opt/ambient-cni/bin \
     && install -d -m 1777 /out/rootfs/tmp \
     && install -m 0755 "target/$target/release/ambient-cni-agent" /out/rootfs/usr/local/bin/ \

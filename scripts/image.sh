@@ -44,7 +44,10 @@ esac
 musl=x86_64-unknown-linux-musl
 target_dir=${CARGO_TARGET_DIR:-$PWD/target}
 if [ -n "$build" ]; then
-  cargo build --release --locked --target "$musl" -p ambient-cni -p ambient-cni-agent
+  # Two builds, not one: cargo unifies the features of packages built together, and the
+  # plugin would carry the agent's (a bigger binary copied onto every host).
+  cargo build --release --locked --target "$musl" -p ambient-cni
+  cargo build --release --locked --target "$musl" -p ambient-cni-agent
 fi
 bin_dir=$target_dir/$musl/release
 for b in ambient-cni ambient-cni-agent; do

@@ -256,7 +256,7 @@ fn node_section(image: &Path, results: &Path) -> String {
                 s,
                 "Image: `scripts/image.sh` (static musl binaries on an empty base, one layer), \
                  `{}`: **{:.2} MiB** uncompressed (goal: under 15 MiB).\n",
-                image.display(),
+                ambient_cni_tests::bench::shown(image),
                 mib(m.len())
             );
         }
