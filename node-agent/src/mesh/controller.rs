@@ -361,7 +361,7 @@ impl Controller {
             }
             for h in self.enroller.table.all() {
                 if h.phase == Phase::Pending && h.netns.is_some() {
-                    let _ = self.enroller.announce(&h.id).await;
+                    let _ = self.enroller.announce_if_pending(&h.id).await;
                 }
             }
         }

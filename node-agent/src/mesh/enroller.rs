@@ -250,6 +250,18 @@ impl Enroller {
         result
     }
 
+    /// The periodic retry of a pending pod: under the pod's lock, and only if it is still
+    /// pending then (an ADD in flight holds the lock while it waits for ztunnel's ack, so the
+    /// retry never sends ztunnel a second AddWorkload for the same pod).
+    pub async fn announce_if_pending(&self, id: &PodId) -> Result<(), EnrollError> {
+        let lock = self.pod_lock(&id.uid);
+        let _guard = lock.lock().await;
+        match self.table.get(&id.uid) {
+            Some(h) if h.phase == Phase::Pending && h.netns.is_some() => self.announce(id).await,
+            _ => Ok(()),
+        }
+    }
+
     /// Tells ztunnel about a held pod and finishes its enrolment; the pod stays
     /// pending on failure (retried later).
     pub async fn announce(&self, id: &PodId) -> Result<(), EnrollError> {
