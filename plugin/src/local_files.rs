@@ -9,14 +9,7 @@ use std::path::Path;
 /// Reads at most `max` bytes of `path` (one more, so an oversized file is seen as such).
 /// Only a regular file owned by us (root) and writable by no one else is trusted.
 pub fn read_trusted(path: &Path, max: usize) -> Result<Vec<u8>, String> {
-    let f = OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let md = f
-        .metadata()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let (f, md) = open_no_follow(OpenOptions::new().read(true), path)?;
     // SAFETY: geteuid has no preconditions and cannot fail.
     let me = unsafe { libc::geteuid() };
     if !md.is_file() || md.uid() != me || md.mode() & 0o022 != 0 {
@@ -35,21 +28,30 @@ pub fn read_trusted(path: &Path, max: usize) -> Result<Vec<u8>, String> {
 /// Appends `byte` to the counter file `path` (created 0600) unless it is already `max`
 /// bytes long. One `write` of one byte with `O_APPEND` never interleaves with another.
 pub fn append_byte(path: &Path, byte: u8, max: u64) -> Result<(), String> {
-    let mut f = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    let md = f
-        .metadata()
-        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let (mut f, md) = open_no_follow(
+        OpenOptions::new().append(true).create(true).mode(0o600),
+        path,
+    )?;
     if !md.is_file() || md.len() >= max {
         return Ok(());
     }
     f.write_all(&[byte])
         .map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Opens `path` with `opts`, never through a symlink and never blocking (a FIFO planted there
+/// must not hang the plugin); returns the file and what it is.
+fn open_no_follow(
+    opts: &mut OpenOptions,
+    path: &Path,
+) -> Result<(std::fs::File, std::fs::Metadata), String> {
+    let err = |e: std::io::Error| format!("{}: {e}", path.display());
+    let f = opts
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+        .map_err(err)?;
+    let md = f.metadata().map_err(err)?;
+    Ok((f, md))
 }
 
 #[cfg(test)]

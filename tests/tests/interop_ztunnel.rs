@@ -822,8 +822,9 @@ fn dns_captured_and_answered(backend: &'static str, subnet: u8) {
     assert_eq!((tcp.rcode, &tcp.a), (0, &vec![DNS_VIP]), "{tcp:?}");
     assert_eq!(tcp.from, nameserver, "{tcp:?}");
     // ztunnel's upstream is the dead loopback resolver we gave it: the VIP came from its xDS.
-    let resolv = std::fs::read_to_string(format!("/proc/{}/root/etc/resolv.conf", w.zt(0).pid()))
-        .unwrap_or_default();
+    // ztunnel's own filesystem view, through its process's root link.
+    let zt_root = std::path::PathBuf::from(format!("/proc/{}", w.zt(0).pid())).join("root");
+    let resolv = std::fs::read_to_string(zt_root.join("etc/resolv.conf")).unwrap_or_default();
     assert_eq!(resolv, "nameserver 127.0.0.1\n", "ztunnel's resolv.conf");
     w.wait("ztunnel logs the DNS queries (UDP and TCP)", || {
         dns_log(&w, 0, &web)
