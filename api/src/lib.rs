@@ -9,6 +9,10 @@ pub mod zds {
 
     /// Largest ZDS message either side accepts (one message per packet).
     pub const MAX_MESSAGE_LEN: usize = 1024;
+
+    /// One place for ZDS on the wire: SOCK_SEQPACKET packets with an optional fd.
+    #[cfg(feature = "socket")]
+    pub mod socket;
 }
 
 /// The plugin <-> agent protocol (package `ambient_cni.plugin.v1`).

@@ -15,7 +15,7 @@ use std::time::Duration;
 use ambient_cni_agent::inpod::zds::{
     SnapshotEntry, SnapshotSource, ZdsConfig, ZdsError, ZdsServer,
 };
-use ambient_cni_api::zds::WorkloadInfo;
+use ambient_cni_api::zds::{socket as zds_socket, WorkloadInfo};
 use iptables_rules::netns::Netns;
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -356,24 +356,24 @@ fn raw_server(path: &Path) -> std::os::fd::OwnedFd {
 }
 
 fn raw_accept(l: &std::os::fd::OwnedFd) -> std::os::fd::OwnedFd {
-    use std::os::fd::{AsRawFd, FromRawFd};
+    use std::os::fd::{AsFd, AsRawFd, FromRawFd};
     let raw = nix::sys::socket::accept(l.as_raw_fd()).unwrap();
     let c = unsafe { std::os::fd::OwnedFd::from_raw_fd(raw) };
     let mut buf = [0u8; 1024];
-    let n = nix::sys::socket::recv(c.as_raw_fd(), &mut buf, nix::sys::socket::MsgFlags::empty())
-        .unwrap();
-    assert!(n > 0, "hello");
+    let got = zds_socket::recv(c.as_fd(), &mut buf).unwrap();
+    assert!(matches!(got, zds_socket::Recv::Packet(_)), "hello");
     c
 }
 
 fn raw_exchange(c: &std::os::fd::OwnedFd, req: &ambient_cni_api::zds::WorkloadRequest) -> String {
     use ambient_cni_api::zds::{workload_response::Payload, WorkloadResponse};
-    use nix::sys::socket::{recv, send, MsgFlags};
     use prost::Message;
-    use std::os::fd::AsRawFd;
-    send(c.as_raw_fd(), &req.encode_to_vec(), MsgFlags::empty()).unwrap();
+    use std::os::fd::AsFd;
+    zds_socket::send(c.as_fd(), &req.encode_to_vec(), None).unwrap();
     let mut buf = [0u8; 1024];
-    let n = recv(c.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap();
+    let zds_socket::Recv::Packet(n) = zds_socket::recv(c.as_fd(), &mut buf).unwrap() else {
+        panic!("no ack: connection closed")
+    };
     match WorkloadResponse::decode(&buf[..n]).unwrap().payload {
         Some(Payload::Ack(a)) => a.error,
         None => panic!("no ack"),
@@ -406,10 +406,10 @@ async fn standin_is_as_strict_as_ztunnel() {
     };
     assert_eq!(raw_exchange(&c, &done), "");
     // A second SnapshotSent: the process exits like ztunnel.
-    nix::sys::socket::send(
-        std::os::fd::AsRawFd::as_raw_fd(&c),
+    zds_socket::send(
+        std::os::fd::AsFd::as_fd(&c),
         &prost::Message::encode_to_vec(&done),
-        nix::sys::socket::MsgFlags::empty(),
+        None,
     )
     .unwrap();
     zt.wait("protocol_mismatch").await;

@@ -1,22 +1,17 @@
 //! A minimal ZDS client for the server's integration tests: connects like
 //! ztunnel, hands every request (with its fds) to the test, answers as told.
+//! The packet I/O is the shared `ambient_cni_api::zds::socket`.
 #![allow(dead_code)]
 
-use std::io::{IoSlice, IoSliceMut};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ambient_cni_api::zds::socket::{self, SeqPacket};
 use ambient_cni_api::zds::{
     workload_response, Ack, Version, WorkloadRequest, WorkloadResponse, ZdsHello,
 };
-use nix::sys::socket::{
-    connect, recvmsg, sendmsg, socket, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag,
-    SockType, UnixAddr,
-};
 use prost::Message;
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 
 /// A fresh socket path under /tmp, unique per test.
 pub fn sock_path(tag: &str) -> PathBuf {
@@ -36,85 +31,52 @@ pub fn cleanup(path: &Path) {
     }
 }
 
+fn hello() -> Vec<u8> {
+    ZdsHello {
+        version: Version::V1 as i32,
+    }
+    .encode_to_vec()
+}
+
 /// Connects (blocking) from the calling thread, sends `ZdsHello{V1}`, and returns
 /// the length of the first packet received (0: closed by the server) within `limit`.
 pub fn blocking_hello_then_read(path: &Path, limit: Duration) -> usize {
-    let fd = socket(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        SockFlag::SOCK_CLOEXEC,
-        None,
-    )
-    .unwrap();
-    connect(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+    let fd = socket::connect(path).unwrap();
     let tv = nix::sys::time::TimeVal::new(limit.as_secs() as i64, 0);
     nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv).unwrap();
-    let hello = ZdsHello {
-        version: Version::V1 as i32,
-    }
-    .encode_to_vec();
     // The server may already have closed: a failed send is as good as EOF.
-    let _ = nix::sys::socket::send(fd.as_raw_fd(), &hello, MsgFlags::MSG_NOSIGNAL);
+    let _ = socket::send(fd.as_fd(), &hello(), None);
     let mut buf = [0u8; 4096];
-    match nix::sys::socket::recv(fd.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-        Ok(n) => n,
-        Err(nix::errno::Errno::ECONNRESET) => 0,
+    match socket::recv_with_fds(fd.as_fd(), &mut buf) {
+        Ok(Some(p)) => p.len,
+        Ok(None) => 0,
+        Err(e) if e.raw_os_error() == Some(libc::ECONNRESET) => 0,
         Err(e) => panic!("no answer and no close within {limit:?}: {e}"),
     }
 }
 
 /// One fake ztunnel connection.
 pub struct Client {
-    fd: AsyncFd<OwnedFd>,
+    sock: SeqPacket,
 }
 
 impl Client {
     /// Connects and sends `ZdsHello{V1}`.
     pub async fn connect(path: &Path) -> Client {
         let c = Client::connect_silent(path).await;
-        let hello = ZdsHello {
-            version: Version::V1 as i32,
-        };
-        c.send(&hello.encode_to_vec()).await;
+        c.send(&hello()).await;
         c
     }
 
     /// Connects without a hello.
     pub async fn connect_silent(path: &Path) -> Client {
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            None,
-        )
-        .unwrap();
-        connect(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
         Client {
-            fd: unsafe {
-                AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE)
-            }
-            .unwrap(),
+            sock: SeqPacket::connect(path).unwrap(),
         }
     }
 
     pub async fn send(&self, bytes: &[u8]) {
-        loop {
-            let mut g = self.fd.writable().await.unwrap();
-            let r = g.try_io(|fd| {
-                sendmsg::<()>(
-                    fd.as_raw_fd(),
-                    &[IoSlice::new(bytes)],
-                    &[],
-                    MsgFlags::MSG_NOSIGNAL,
-                    None,
-                )
-                .map_err(std::io::Error::from)
-            });
-            if let Ok(r) = r {
-                r.unwrap();
-                return;
-            }
-        }
+        self.sock.send(bytes, None).await.unwrap();
     }
 
     pub async fn ack(&self, error: &str) {
@@ -126,38 +88,17 @@ impl Client {
         self.send(&resp.encode_to_vec()).await;
     }
 
-    /// The next packet as raw bytes and fds; `None` at EOF.
+    /// The next packet as raw bytes and fds; `None` at EOF. The buffer is larger
+    /// than the protocol's limit so an oversize packet shows as one.
     pub async fn recv_raw(&self) -> Option<(Vec<u8>, Vec<OwnedFd>)> {
-        loop {
-            let mut g = self.fd.readable().await.unwrap();
-            let r = g.try_io(|fd| {
-                let mut buf = vec![0u8; 4096];
-                let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-                let mut iov = [IoSliceMut::new(&mut buf)];
-                let msg = recvmsg::<()>(
-                    fd.as_raw_fd(),
-                    &mut iov,
-                    Some(&mut cmsg),
-                    MsgFlags::MSG_CMSG_CLOEXEC,
-                )
-                .map_err(std::io::Error::from)?;
-                let mut fds = vec![];
-                for c in msg.cmsgs().unwrap() {
-                    if let ControlMessageOwned::ScmRights(raw) = c {
-                        fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
-                    }
-                }
-                let n = msg.bytes;
-                buf.truncate(n);
-                Ok((buf, fds))
-            });
-            match r {
-                Ok(Ok((buf, fds))) if buf.is_empty() && fds.is_empty() => return None,
-                Ok(Ok(x)) => return Some(x),
-                Ok(Err(e)) => panic!("recvmsg: {e}"),
-                Err(_) => continue,
-            }
-        }
+        let mut buf = vec![0u8; 4096];
+        let p = self
+            .sock
+            .recv_with_fds(&mut buf)
+            .await
+            .unwrap_or_else(|e| panic!("recvmsg: {e}"))?;
+        buf.truncate(p.len);
+        Some((buf, p.fds))
     }
 
     /// The next request, decoded (panics at EOF or after 5 s).

@@ -11,25 +11,25 @@
 //! does not name; a second `SnapshotSent` or a `Keep` after it is a protocol
 //! mismatch and the process exits with status 2.
 //!
-//! Independent of the agent on purpose: it only shares the wire types.
+//! Independent of the agent on purpose: it only shares the wire types and the ZDS
+//! packet I/O (`ambient_cni_api::zds::socket`, the agent's own).
 
 use std::collections::{HashMap, HashSet};
-use std::io::{IoSlice, IoSliceMut, Write};
+use std::io::Write;
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use ambient_cni_api::zds::{
-    workload_request::Payload, workload_response, Ack, Version, WorkloadRequest, WorkloadResponse,
-    ZdsHello, MAX_MESSAGE_LEN,
+    socket as zds_socket, workload_request::Payload, workload_response, Ack, Version,
+    WorkloadRequest, WorkloadResponse, ZdsHello, MAX_MESSAGE_LEN,
 };
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use nix::sys::socket::{
-    self, connect, recvmsg, sendmsg, setsockopt, sockopt, AddressFamily, Backlog,
-    ControlMessageOwned, MsgFlags, SockFlag, SockType, SockaddrIn, SockaddrIn6, UnixAddr,
+    self, setsockopt, sockopt, AddressFamily, Backlog, SockFlag, SockType, SockaddrIn, SockaddrIn6,
 };
 use prost::Message;
 use serde_json::{json, Value};
@@ -176,16 +176,7 @@ impl Standin {
     }
 
     fn connect(&self) -> Result<OwnedFd> {
-        let fd = socket::socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        let addr = UnixAddr::new(&self.args.socket)?;
-        connect(fd.as_raw_fd(), &addr)
-            .with_context(|| format!("connect {}", self.args.socket.display()))?;
-        Ok(fd)
+        Ok(zds_socket::connect(&self.args.socket)?)
     }
 
     fn serve(&mut self, sock: &OwnedFd) -> End {
@@ -570,12 +561,7 @@ fn original_dst(stream: &tokio::net::TcpStream, peer: SocketAddr) -> Option<Sock
 }
 
 fn send(sock: &OwnedFd, bytes: &[u8]) -> Result<()> {
-    let iov = [IoSlice::new(bytes)];
-    let n = sendmsg::<()>(sock.as_raw_fd(), &iov, &[], MsgFlags::MSG_NOSIGNAL, None)?;
-    if n != bytes.len() {
-        bail!("short write {n}/{}", bytes.len());
-    }
-    Ok(())
+    Ok(zds_socket::send(sock.as_fd(), bytes, None)?)
 }
 
 fn send_ack(sock: &OwnedFd, error: &str) -> Result<()> {
@@ -590,33 +576,9 @@ fn send_ack(sock: &OwnedFd, error: &str) -> Result<()> {
 /// One packet and the fds that came with it; `None` at EOF.
 fn recv(sock: &OwnedFd) -> Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
     let mut buf = vec![0u8; MAX_MESSAGE_LEN];
-    let mut cmsg = nix::cmsg_space!([RawFd; 4]);
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let msg = recvmsg::<()>(
-        sock.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )?;
-    let mut fds = Vec::new();
-    if let Ok(cmsgs) = msg.cmsgs() {
-        for c in cmsgs {
-            if let ControlMessageOwned::ScmRights(raw) = c {
-                // SAFETY: freshly received fds, owned by nobody else.
-                fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
-            }
-        }
-    }
-    if msg.flags.contains(MsgFlags::MSG_TRUNC) {
-        bail!("message truncated (over {MAX_MESSAGE_LEN} bytes)");
-    }
-    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
-        bail!("control message truncated");
-    }
-    let n = msg.bytes;
-    if n == 0 && fds.is_empty() {
+    let Some(p) = zds_socket::recv_with_fds(sock.as_fd(), &mut buf)? else {
         return Ok(None);
-    }
-    buf.truncate(n);
-    Ok(Some((buf, fds)))
+    };
+    buf.truncate(p.len);
+    Ok(Some((buf, p.fds)))
 }

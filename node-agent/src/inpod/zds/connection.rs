@@ -7,6 +7,7 @@
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
+use ambient_cni_api::zds::socket::{Recv, SeqPacket};
 use ambient_cni_api::zds::{Version, MAX_MESSAGE_LEN};
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
@@ -14,7 +15,6 @@ use tracing::{debug, info, warn};
 use super::config::ZdsConfig;
 use super::error::ZdsError;
 use super::message::{self, Encoded};
-use super::packet::{Recv, SeqPacket};
 use super::snapshot::SnapshotEntry;
 
 /// A request queued for one connection, answered through `reply`.
@@ -309,13 +309,24 @@ pub(crate) type Source = Arc<dyn super::snapshot::SnapshotSource>;
 
 #[cfg(test)]
 mod tests {
-    use super::super::packet::tests::pair;
     use super::*;
     use ambient_cni_api::zds::{
         workload_request::Payload, Ack, WorkloadRequest, WorkloadResponse, ZdsHello,
     };
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     use prost::Message;
     use std::time::Duration;
+
+    /// A connected SOCK_SEQPACKET pair.
+    fn pair() -> (OwnedFd, OwnedFd) {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        )
+        .unwrap()
+    }
 
     fn cfg() -> ZdsConfig {
         ZdsConfig {

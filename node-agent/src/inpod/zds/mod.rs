@@ -2,14 +2,14 @@
 //!
 //! Wire-compatible with stock ztunnel (ztunnel's `proto/zds.proto` and `src/inpod/`): one message per
 //! packet, at most 1024 bytes, the netns fd only on `AddWorkload`, strict
-//! request/ack lock-step per connection.
+//! request/ack lock-step per connection. The packet I/O itself is `ambient_cni_api::zds::socket`,
+//! shared with the ztunnel stand-in and the tests.
 
 pub mod config;
 pub(crate) mod connection;
 pub mod error;
 pub(crate) mod listener;
 pub mod message;
-pub(crate) mod packet;
 pub mod server;
 pub mod snapshot;
 
