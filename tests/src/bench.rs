@@ -68,8 +68,14 @@ pub fn plugin_conf(sock: &Path) -> String {
 
 /// One ADD of pod `mesh/name` (`uid`) in `netns` through the plugin binary.
 pub fn add(conf: &str, netns: &NamedNetns, name: &str, uid: &str) -> Exec {
-    let args =
-        format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=mesh;K8S_POD_NAME={name};K8S_POD_UID={uid}");
+    add_in(conf, "mesh", netns, name, uid)
+}
+
+/// One ADD of pod `namespace/name` (`uid`) in `netns` through the plugin binary.
+pub fn add_in(conf: &str, namespace: &str, netns: &NamedNetns, name: &str, uid: &str) -> Exec {
+    let args = format!(
+        "IgnoreUnknown=1;K8S_POD_NAMESPACE={namespace};K8S_POD_NAME={name};K8S_POD_UID={uid}"
+    );
     let path = netns.path();
     let env = [
         ("CNI_COMMAND", "ADD"),
@@ -84,4 +90,169 @@ pub fn add(conf: &str, netns: &NamedNetns, name: &str, uid: &str) -> Exec {
         conf.as_bytes(),
         Duration::from_secs(10),
     )
+}
+
+/// The agent's per-phase ADD histogram (issue 18), read from its `/metrics`.
+pub const PHASE_METRIC: &str = "ambient_cni_add_phase_seconds";
+
+/// The phases of one ADD in the order the agent runs them.
+pub const PHASES: [&str; 7] = [
+    "lookup", "netns", "rules", "record", "ztunnel", "probes", "status",
+];
+
+/// The `q` quantile (0..1) of a cumulative histogram given as `(le, count)` buckets, in the
+/// buckets' unit, interpolated linearly inside the bucket it falls in (Prometheus'
+/// `histogram_quantile`). `None` without observations; the `+Inf` bucket answers its lower bound.
+pub fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
+    let mut b = buckets.to_vec();
+    b.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let total = b.last()?.1;
+    if total <= 0.0 {
+        return None;
+    }
+    let rank = q * total;
+    let (mut lo_le, mut lo_count) = (0.0, 0.0);
+    for (le, count) in b {
+        if count >= rank {
+            if le.is_infinite() {
+                return Some(lo_le);
+            }
+            let width = count - lo_count;
+            let frac = if width > 0.0 {
+                (rank - lo_count) / width
+            } else {
+                1.0
+            };
+            return Some(lo_le + (le - lo_le) * frac);
+        }
+        (lo_le, lo_count) = (le, count);
+    }
+    Some(lo_le)
+}
+
+/// The per-phase table (p50, p99 in ms, count) from an OpenMetrics text, one row per phase in
+/// [`PHASES`] order (then any other phase the agent reports); every row says "n/a" when the
+/// agent has no [`PHASE_METRIC`] (or the text does not parse).
+pub fn phase_table(metrics: &str) -> String {
+    let mut out = String::from("| phase | p50 ms | p99 ms | ADDs |\n|---|---|---|---|\n");
+    let family = crate::expo::parse(metrics)
+        .ok()
+        .and_then(|e| e.family(PHASE_METRIC).cloned());
+    let Some(family) = family else {
+        for p in PHASES {
+            out.push_str(&format!("| {p} | n/a | n/a | n/a |\n"));
+        }
+        out.push_str(&format!(
+            "\n(n/a: the agent exports no `{PHASE_METRIC}` histogram)\n"
+        ));
+        return out;
+    };
+    // Buckets per phase, summed over any other label.
+    let mut by_phase: std::collections::BTreeMap<String, std::collections::BTreeMap<u64, f64>> =
+        Default::default();
+    for s in &family.samples {
+        if s.name != format!("{PHASE_METRIC}_bucket") {
+            continue;
+        }
+        let (Some(phase), Some(le)) = (s.labels.get("phase"), s.labels.get("le")) else {
+            continue;
+        };
+        let le: f64 = if le == "+Inf" {
+            f64::INFINITY
+        } else {
+            match le.parse() {
+                Ok(v) => v,
+                Err(_) => continue,
+            }
+        };
+        *by_phase
+            .entry(phase.clone())
+            .or_default()
+            .entry(le.to_bits())
+            .or_default() += s.value;
+    }
+    let mut names: Vec<String> = PHASES.iter().map(|p| p.to_string()).collect();
+    names.extend(
+        by_phase
+            .keys()
+            .filter(|k| !PHASES.contains(&k.as_str()))
+            .cloned(),
+    );
+    for p in names {
+        let buckets: Vec<(f64, f64)> = by_phase
+            .get(&p)
+            .map(|m| m.iter().map(|(k, v)| (f64::from_bits(*k), *v)).collect())
+            .unwrap_or_default();
+        let count = buckets.iter().map(|b| b.1).fold(0.0, f64::max);
+        let q = |q| {
+            histogram_quantile(&buckets, q)
+                .map_or_else(|| "n/a".into(), |s| format!("{:.3}", s * 1e3))
+        };
+        let n = if buckets.is_empty() {
+            "n/a".to_owned()
+        } else {
+            format!("{count:.0}")
+        };
+        out.push_str(&format!("| {p} | {} | {} | {n} |\n", q(0.5), q(0.99)));
+    }
+    out
+}
+
+/// "met" or "NOT met" for a figure against an upper bound.
+pub fn verdict(value: f64, at_most: f64) -> &'static str {
+    if value <= at_most {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantiles_interpolate_inside_the_bucket() {
+        let b = [
+            (0.001, 50.0),
+            (0.002, 90.0),
+            (0.005, 100.0),
+            (f64::INFINITY, 100.0),
+        ];
+        assert_eq!(histogram_quantile(&b, 0.5), Some(0.001));
+        let p75 = histogram_quantile(&b, 0.75).unwrap();
+        assert!((p75 - 0.001625).abs() < 1e-9, "{p75}");
+        let p99 = histogram_quantile(&b, 0.99).unwrap();
+        assert!((p99 - 0.0047).abs() < 1e-9, "{p99}");
+        assert_eq!(histogram_quantile(&[(1.0, 0.0)], 0.5), None);
+        assert_eq!(histogram_quantile(&[], 0.5), None);
+        // Everything above the last finite bound: the answer is that bound.
+        assert_eq!(
+            histogram_quantile(&[(0.1, 0.0), (f64::INFINITY, 3.0)], 0.5),
+            Some(0.1)
+        );
+    }
+
+    #[test]
+    fn phase_table_reads_the_histogram_or_says_na() {
+        let text = "# TYPE ambient_cni_add_phase_seconds histogram\n\
+            ambient_cni_add_phase_seconds_bucket{phase=\"rules\",le=\"0.0005\"} 1\n\
+            ambient_cni_add_phase_seconds_bucket{phase=\"rules\",le=\"0.001\"} 2\n\
+            ambient_cni_add_phase_seconds_bucket{phase=\"rules\",le=\"+Inf\"} 2\n\
+            ambient_cni_add_phase_seconds_count{phase=\"rules\"} 2\n\
+            ambient_cni_add_phase_seconds_sum{phase=\"rules\"} 0.0012\n\
+            # EOF\n";
+        let t = phase_table(text);
+        assert!(t.contains("| rules | 0.500 | 0.990 | 2 |"), "{t}");
+        assert!(t.contains("| lookup | n/a | n/a | n/a |"), "{t}");
+        let none = phase_table("# EOF\n");
+        assert!(none.contains("| status | n/a | n/a | n/a |"), "{none}");
+        assert!(none.contains("exports no"), "{none}");
+    }
+
+    #[test]
+    fn verdicts() {
+        assert_eq!(verdict(1.0, 1.0), "met");
+        assert_eq!(verdict(1.01, 1.0), "NOT met");
+    }
 }

@@ -653,8 +653,18 @@ impl AgentProcess {
             } else {
                 &["--install-cni=false"][..]
             })
-            .args(["--log-level", "info,ambient_cni_agent=debug"])
-            .args(EPHEMERAL_PORTS)
+            // Defaults a flag in `extra` replaces (clap refuses a flag given twice).
+            .args(if extra.contains(&"--log-level") {
+                &[][..]
+            } else {
+                &["--log-level", "info,ambient_cni_agent=debug"][..]
+            })
+            .args(
+                EPHEMERAL_PORTS
+                    .chunks(2)
+                    .filter(|kv| !extra.contains(&kv[0]))
+                    .flatten(),
+            )
             .args(extra)
             .env_clear()
             .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")

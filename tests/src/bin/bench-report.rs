@@ -76,6 +76,14 @@ fn benches(root: &Path) -> Vec<Bench> {
             args: vec!["bench", "-p", "ambient-cni-tests", "--bench", "interop_add"],
         });
     }
+    // The Kubernetes path and Istio's path: stock ztunnel and the kube-apiserver peer.
+    if root.join("tests/benches/kube_add.rs").exists() && std::env::var_os("ZTUNNEL_BIN").is_some()
+    {
+        v.push(Bench {
+            title: "The Kubernetes path and Istio's path as the baseline (`kube_add`)",
+            args: vec!["bench", "-p", "ambient-cni-tests", "--bench", "kube_add"],
+        });
+    }
     v
 }
 
