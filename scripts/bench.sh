@@ -3,6 +3,7 @@
 # the benches make network namespaces and load rules).
 #   scripts/bench.sh            # full run
 #   ZTUNNEL_BIN=/path/ztunnel scripts/bench.sh   # also the real-ztunnel interop bench, if present
+#   scripts/bench.sh --only kube_add             # rerun one bench, replace its section
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"

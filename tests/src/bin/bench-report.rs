@@ -34,6 +34,11 @@ struct Args {
     /// target/node-pod-start.json).
     #[arg(long)]
     node_results: Option<PathBuf>,
+    /// Run only these benches (e.g. `--only kube_add`) and replace their sections in the
+    /// existing output file (appended when new), each marked with its own date and commit;
+    /// everything else in the file stays as it was.
+    #[arg(long)]
+    only: Vec<String>,
 }
 
 /// One bench: a title, the cargo arguments, and whether it may be skipped.
@@ -365,9 +370,80 @@ fn clean(text: &str) -> String {
     out.trim().to_owned()
 }
 
+/// `doc` with the section titled `title` (a `## ` heading up to the next one) replaced by
+/// `body`, or `body` appended when there is no such section.
+fn splice(doc: &str, title: &str, body: &str) -> String {
+    let head = format!("## {title}\n");
+    let Some(start) = doc.find(&head) else {
+        return format!("{}\n\n{}", doc.trim_end(), body);
+    };
+    let rest = &doc[start + head.len()..];
+    let end = rest
+        .find("\n## ")
+        .map_or(doc.len(), |i| start + head.len() + i + 1);
+    format!("{}{}{}", &doc[..start], body, &doc[end..])
+}
+
+/// Runs the benches named in `--only` and splices their sections into the existing file.
+fn only(args: &Args, root: &Path) -> Result<()> {
+    let mut doc = std::fs::read_to_string(&args.out)
+        .with_context(|| format!("read {} (--only updates it)", args.out.display()))?;
+    let mut failed = Vec::new();
+    for name in &args.only {
+        let Some(b) = benches(root)
+            .into_iter()
+            .find(|b| b.args.last() == Some(&name.as_str()))
+        else {
+            bail!("--only {name}: no such bench here (is ZTUNNEL_BIN set for the interop ones?)");
+        };
+        let mut body = format!("## {}\n\n`cargo {}`\n\n", b.title, b.args.join(" "));
+        // The load says how far this section's figures are from a quiet machine's.
+        let load = std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+            .unwrap_or_else(|| "?".into());
+        let _ = writeln!(
+            body,
+            "(this section alone was rerun: {} UTC, commit {}, 1-minute load average {load} \
+             at its start)\n",
+            sh("date", &["-u", "+%Y-%m-%d %H:%M"]),
+            sh(
+                "git",
+                &[
+                    "-C",
+                    &root.display().to_string(),
+                    "rev-parse",
+                    "--short",
+                    "HEAD"
+                ]
+            )
+        );
+        match run_bench(root, &b) {
+            Ok((text, secs)) => {
+                body.push_str(&clean(&text));
+                let _ = writeln!(body, "\n\n(ran in {secs:.0} s)\n");
+            }
+            Err(e) => {
+                let _ = writeln!(body, "FAILED: {e:#}\n");
+                failed.push(b.title);
+            }
+        }
+        doc = splice(&doc, b.title, &body);
+    }
+    std::fs::write(&args.out, &doc).with_context(|| format!("write {}", args.out.display()))?;
+    eprintln!("bench-report: updated {}", args.out.display());
+    if !failed.is_empty() {
+        bail!("benches failed: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let root = args.root.canonicalize().context("workspace root")?;
+    if !args.only.is_empty() {
+        return only(&args, &root);
+    }
     let plugin = args.plugin.clone().unwrap_or_else(|| default_plugin(&root));
     let mut doc = String::new();
     let _ = writeln!(doc, "# Benchmarks\n");
@@ -428,4 +504,26 @@ fn main() -> Result<()> {
         bail!("benches failed: {}", failed.join(", "));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::splice;
+
+    #[test]
+    fn splice_replaces_one_section_or_appends() {
+        let doc = "# B\n\n## one\n\nold\n\n## two\n\nkeep\n";
+        assert_eq!(
+            splice(doc, "one", "## one\n\nnew\n\n"),
+            "# B\n\n## one\n\nnew\n\n## two\n\nkeep\n"
+        );
+        assert_eq!(
+            splice(doc, "two", "## two\n\nnew\n"),
+            "# B\n\n## one\n\nold\n\n## two\n\nnew\n"
+        );
+        assert_eq!(
+            splice(doc, "three", "## three\n\nx\n"),
+            "# B\n\n## one\n\nold\n\n## two\n\nkeep\n\n## three\n\nx\n"
+        );
+    }
 }
