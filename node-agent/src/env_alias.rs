@@ -181,7 +181,9 @@ mod tests {
 
     #[test]
     fn istio_names_fill_in_ours() {
-        let table: &[(&[(&str, &str)], &[(&str, &str)])] = &[
+        // (environment, what is set)
+        type Env<'a> = &'a [(&'a str, &'a str)];
+        let table: &[(Env, Env)] = &[
             (&[], &[]),
             (
                 &[("CNI_AGENT_RUN_DIR", "/var/run/istio-cni")],

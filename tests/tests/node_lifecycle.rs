@@ -727,7 +727,9 @@ fn upgrade(w: &World, client_ns: &NamedNetns) {
     let log = w.agent_log(&agent);
     assert!(
         log.lines().any(|l| l.contains(" INFO "))
-            && !log.lines().any(|l| l.starts_with('{') || l.contains(" DEBUG ")),
+            && !log
+                .lines()
+                .any(|l| l.starts_with('{') || l.contains(" DEBUG ")),
         "defaults: text lines at info level\n{log}"
     );
     for i in 0..ROLL_PODS {
@@ -957,21 +959,18 @@ fn pod_start_figures(w: &World) -> BTreeMap<&'static str, Vec<Duration>> {
 /// `conflist` with Istio's `istio-cni` entry chained last, as istio-cni's installer writes it.
 fn with_istio_cni_entry(conflist: &str) -> String {
     let mut v: Value = serde_json::from_str(conflist).expect("node conflist is JSON");
-    v["plugins"]
-        .as_array_mut()
-        .expect("plugins")
-        .push(json!({
-            "type": "istio-cni",
-            "log_level": "info",
-            "log_uds_address": "/var/run/istio-cni/log.sock",
-            "cni_event_address": "/var/run/istio-cni/pluginevent.sock",
-            "ambient_enabled": true,
-            "exclude_namespaces": ["kube-system"],
-            "kubernetes": {
-                "kubeconfig": "/etc/cni/net.d/ZZZ-istio-cni-kubeconfig",
-                "cni_bin_dir": "/opt/cni/bin"
-            }
-        }));
+    v["plugins"].as_array_mut().expect("plugins").push(json!({
+        "type": "istio-cni",
+        "log_level": "info",
+        "log_uds_address": "/var/run/istio-cni/log.sock",
+        "cni_event_address": "/var/run/istio-cni/pluginevent.sock",
+        "ambient_enabled": true,
+        "exclude_namespaces": ["kube-system"],
+        "kubernetes": {
+            "kubeconfig": "/etc/cni/net.d/ZZZ-istio-cni-kubeconfig",
+            "cni_bin_dir": "/opt/cni/bin"
+        }
+    }));
     serde_json::to_string_pretty(&v).expect("conflist")
 }
 

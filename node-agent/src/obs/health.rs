@@ -196,7 +196,9 @@ mod tests {
             Reply::text(503, "not ready: install_in_place\n")
         );
         // A failing condition shows its owner's reason, if it gives one.
-        let why = Arc::new(std::sync::Mutex::new(Some("istio-cni is chained".to_owned())));
+        let why = Arc::new(std::sync::Mutex::new(Some(
+            "istio-cni is chained".to_owned(),
+        )));
         let w = why.clone();
         r.explain(INSTALL_IN_PLACE, move || w.lock().unwrap().clone());
         assert_eq!(
