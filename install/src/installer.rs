@@ -187,6 +187,8 @@ enum ConfigPlan {
 pub struct Installer {
     cfg: InstallConfig,
     stats: InstallerStats,
+    /// Why the watch loop's last pass failed; `None` once a pass succeeds (for `/readyz`).
+    failing: std::sync::Mutex<Option<String>>,
 }
 
 impl Installer {
@@ -219,6 +221,7 @@ impl Installer {
         Ok(Installer {
             cfg,
             stats: InstallerStats::default(),
+            failing: std::sync::Mutex::new(None),
         })
     }
 
@@ -230,6 +233,19 @@ impl Installer {
     /// The work counters.
     pub fn stats(&self) -> &InstallerStats {
         &self.stats
+    }
+
+    /// Why the watch loop's last install pass failed (`None` while passes succeed), e.g. that
+    /// Istio's istio-cni is still chained: what `/readyz` shows beside its condition.
+    pub fn failing(&self) -> Option<String> {
+        self.failing
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    pub(crate) fn set_failing(&self, why: Option<String>) {
+        *self.failing.lock().unwrap_or_else(|e| e.into_inner()) = why;
     }
 
     /// Where the plugin binary goes.

@@ -183,9 +183,14 @@ impl Installer {
                     ready.store(true, Ordering::SeqCst);
                     waiting_logged = false;
                     last_error.clear();
+                    self.set_failing(None);
                 }
                 Ok(Some(false)) => {
                     ready.store(false, Ordering::SeqCst);
+                    self.set_failing(Some(format!(
+                        "no primary CNI config in {} yet",
+                        conf_dir.display()
+                    )));
                     if !waiting_logged {
                         info!(dir = %conf_dir.display(), "no primary CNI config yet; waiting for one");
                         waiting_logged = true;
@@ -195,6 +200,7 @@ impl Installer {
                 Err(e) => {
                     ready.store(false, Ordering::SeqCst);
                     let msg = e.to_string();
+                    self.set_failing(Some(msg.clone()));
                     if msg != last_error {
                         warn!(error = %msg, "install pass failed; retrying every second");
                         last_error = msg;

@@ -153,6 +153,39 @@ fn waits_for_the_primary_in_an_empty_dir() {
 }
 
 #[test]
+fn the_watch_says_why_it_waits_for_istio_cni_and_chains_once_it_is_gone() {
+    let node = Node::new("istio-cni");
+    let w = Watcher::start(node.installer(None), ThrottleConfig::default());
+    // What /readyz shows beside install_in_place.
+    let named = wait_until(Duration::from_secs(2), || {
+        w.inst
+            .failing()
+            .is_some_and(|why| why.contains("istio-cni"))
+    });
+    assert!(named.is_some(), "failing: {:?}", w.inst.failing());
+    assert!(!w.ready());
+    // istio-cni's uninstall removes its entry: we chain, and the reason is gone.
+    let text = node.read("10-calico.conflist");
+    let mut v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    v["plugins"]
+        .as_array_mut()
+        .unwrap()
+        .retain(|p| p["type"] != "istio-cni");
+    node.write(
+        "10-calico.conflist",
+        &serde_json::to_string_pretty(&v).unwrap(),
+    );
+    let t = wait_until(Duration::from_secs(3), || {
+        current(&node, "10-calico.conflist") && w.ready() && w.inst.failing().is_none()
+    });
+    assert!(
+        t.is_some(),
+        "chained once istio-cni was gone: {:?}",
+        w.inst.failing()
+    );
+}
+
+#[test]
 fn a_fighting_cni_is_throttled_not_fought_in_a_tight_loop() {
     let node = Node::new("cilium");
     let original = node.read("05-cilium.conflist");

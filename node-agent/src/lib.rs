@@ -5,6 +5,7 @@ pub mod cli;
 pub mod cmd;
 pub mod decisions;
 pub mod discovery;
+pub mod env_alias;
 pub mod inpod;
 pub mod logging;
 pub mod mesh;

@@ -205,6 +205,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let (mode_tx, mode_rx) = tokio::sync::watch::channel(None);
     let installer = if args.install_cni {
         let inst = Arc::new(args.install.installer().context("installer settings")?);
+        let explained = inst.clone();
+        readiness.explain(crate::obs::health::INSTALL_IN_PLACE, move || {
+            explained.failing()
+        });
         let watched = inst.clone();
         metrics.on_scrape(move |m| {
             use std::sync::atomic::Ordering::Relaxed;

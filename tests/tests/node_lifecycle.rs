@@ -3,7 +3,11 @@
 //! the real helm, stock ztunnel as a host process on the socket the chart mounts, pods created
 //! through the API and started by the kubelet through containerd's CRI and the node's real CNI
 //! chain. Steps, in the words: install, upgrade, crash, the primary rewrites its
-//! conflist, sandbox recreated, uninstall; then the pod-start figures (mesh vs plain).
+//! conflist, sandbox recreated, uninstall; then the pod-start figures (mesh vs plain). The
+//! install is the migration from istio-cni (docs/migrating-from-istio-cni.md): the node starts
+//! with an `istio-cni` entry chained, our chart is installed with Istio's values file (refused,
+//! `/readyz` says why), the entry is removed as istio-cni's uninstall does, then we chain; it
+//! also sets `logLevel`/`global.logAsJson` and checks the agent's log (the upgrade resets them).
 //!
 //! Assertions are kernel and peer facts: rules in the pod netns (`ambient-cni-agent redirect
 //! show`), ztunnel's listeners (and their inodes) in it, ztunnel's access log, host files.
@@ -24,7 +28,7 @@ use ambient_cni_tests::node::*;
 use ambient_cni_tests::peers::*;
 use ambient_cni_tests::*;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
-use kube::api::{Api, DeleteParams, ListParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 use serde_json::{json, Value};
@@ -137,6 +141,9 @@ struct World {
     installed: bool,
     /// Installed at some point: the host is cleaned after the test whatever happened.
     touched_host: bool,
+    /// The node's conflist holds the `istio-cni` entry the migration step adds (put back to
+    /// `conflist_before` on drop).
+    istio_entry: bool,
     namespaces: Vec<String>,
 }
 
@@ -168,6 +175,7 @@ impl World {
             zt: None,
             installed: false,
             touched_host: false,
+            istio_entry: false,
             namespaces: Vec::new(),
             peer,
         }
@@ -206,8 +214,8 @@ impl World {
         run(&self.peer.helm, &a)
     }
 
-    /// `helm install`/`upgrade` with the image settings the test controls.
-    fn helm_release(&self, verb: &str, image: &str) -> Result<String, String> {
+    /// `helm install`/`upgrade` with the image settings the test controls, then `extra`.
+    fn helm_release(&self, verb: &str, image: &str, extra: &[&str]) -> Result<String, String> {
         let (repo, tag) = image.rsplit_once(':').expect("image ref REPO:TAG");
         let chart = self.chart.display().to_string();
         let repo = format!("image.repository={repo}");
@@ -218,6 +226,7 @@ impl World {
         }
         args.extend_from_slice(&["--set", &repo, "--set", &tag]);
         args.extend_from_slice(&["--set", "image.pullPolicy=Never"]);
+        args.extend_from_slice(extra);
         self.helm(&args)
     }
 
@@ -244,6 +253,15 @@ impl World {
         self.list(SYSTEM_NS, "app.kubernetes.io/name=ambient-cni")
             .into_iter()
             .find(|p| p.metadata.deletion_timestamp.is_none())
+    }
+
+    /// The agent pod's container log (through the API server, as `kubectl logs`).
+    fn agent_log(&self, pod: &Pod) -> String {
+        let api = self.pods(SYSTEM_NS);
+        let name = pod.metadata.name.clone().unwrap_or_default();
+        self.rt
+            .block_on(async move { api.logs(&name, &LogParams::default()).await })
+            .unwrap_or_else(|e| panic!("agent log: {e}"))
     }
 
     fn agent_pods_count(&self) -> usize {
@@ -468,6 +486,9 @@ impl Drop for World {
             let _ = self.helm(&["uninstall", RELEASE, "-n", SYSTEM_NS]);
             wait_for(Duration::from_secs(60), || self.agent_pods_count() == 0);
         }
+        if self.istio_entry && !self.conflist_before.is_empty() {
+            let _ = write_conflist(&self.conflist_before);
+        }
         if self.touched_host {
             // After a failure, the next run needs a clean node: what an operator would do.
             let _ = run(
@@ -564,13 +585,65 @@ fn install(w: &mut World) -> (Pod, NamedNetns) {
         "ambient-cni is already on the node (a failed earlier run? `node.sh stop` cleans up)"
     );
 
+    // Migration (docs/migrating-from-istio-cni.md), as a node still chained with istio-cni.
+    let with_istio = with_istio_cni_entry(&w.conflist_before);
+    w.istio_entry = true;
+    write_conflist(&with_istio).expect("add istio-cni's entry");
+
+    // Our chart with Istio's values file for a plain cluster, unchanged, plus log settings.
     let started = Instant::now();
     w.installed = true;
     w.touched_host = true;
-    w.helm_release("install", &w.image.clone())
+    let istio_values = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../manifests/istio-values/plain.yaml")
+        .display()
+        .to_string();
+    let extra = [
+        "-f",
+        &istio_values,
+        "--set",
+        "logLevel=debug",
+        "--set",
+        "global.logAsJson=true",
+    ];
+    w.helm_release("install", &w.image.clone(), &extra)
         .expect("helm install");
+    // Refused: not Ready, /readyz says why, the conflist is untouched (nothing half-applied).
+    let health: std::net::SocketAddr = "127.0.0.1:8000".parse().expect("addr");
+    let mut readyz = String::new();
+    w.wait("/readyz names istio-cni", LONG, || {
+        readyz = ambient_cni_tests::http::get(health, "/readyz", Duration::from_secs(2))
+            .map(|(code, body)| format!("{code} {body}"))
+            .unwrap_or_default();
+        readyz.starts_with("503") && readyz.contains("istio-cni")
+    });
+    eprintln!("refused while istio-cni is chained: /readyz {readyz:?}");
+    assert!(w.agent_pod().as_ref().is_some_and(|p| !is_ready(p)));
+    assert_eq!(
+        std::fs::read_to_string(NODE_CONFLIST).expect("conflist"),
+        with_istio,
+        "the conflist changed while istio-cni is chained"
+    );
+    // The documented step: istio-cni's uninstall removes its entry. Then we chain, and Ready.
+    write_conflist(&w.conflist_before).expect("remove istio-cni's entry");
+    w.istio_entry = false;
     let agent = w.wait_agent_ready(&w.image);
     eprintln!("helm install -> agent Ready: {:?}", started.elapsed());
+    // logLevel and global.logAsJson reached the agent: JSON lines, debug ones among them.
+    let log = w.agent_log(&agent);
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let json: Vec<Value> = lines
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect();
+    assert!(
+        !lines.is_empty() && json.len() == lines.len(),
+        "global.logAsJson=true: every agent log line JSON\n{log}"
+    );
+    assert!(
+        json.iter().any(|v| v["level"] == "DEBUG"),
+        "logLevel=debug: no DEBUG line\n{log}"
+    );
     let spec = agent.spec.clone().expect("spec");
     assert_eq!(spec.host_network, Some(true));
     // What the DaemonSet put on the host.
@@ -637,7 +710,8 @@ fn upgrade(w: &World, client_ns: &NamedNetns) {
     let old_agent = w.agent_pod().expect("agent");
 
     let started = Instant::now();
-    w.helm_release("upgrade", &w.next_image)
+    // Chart defaults again (no -f / --set): text lines at info level.
+    w.helm_release("upgrade", &w.next_image, &[])
         .expect("helm upgrade");
     // Pods created while the DaemonSet rolls (the old agent stops, the new one starts).
     for i in 0..ROLL_PODS {
@@ -650,6 +724,14 @@ fn upgrade(w: &World, client_ns: &NamedNetns) {
         "the DaemonSet rolled"
     );
     eprintln!("helm upgrade -> new agent Ready: {:?}", started.elapsed());
+    let log = w.agent_log(&agent);
+    assert!(
+        log.lines().any(|l| l.contains(" INFO "))
+            && !log
+                .lines()
+                .any(|l| l.starts_with('{') || l.contains(" DEBUG ")),
+        "defaults: text lines at info level\n{log}"
+    );
     for i in 0..ROLL_PODS {
         let name = format!("roll-{i}");
         let p = w.wait_pod_ready(MESH, &name);
@@ -872,6 +954,31 @@ fn pod_start_figures(w: &World) -> BTreeMap<&'static str, Vec<Duration>> {
         let _ = std::fs::write(f, v.to_string());
     }
     out
+}
+
+/// `conflist` with Istio's `istio-cni` entry chained last, as istio-cni's installer writes it.
+fn with_istio_cni_entry(conflist: &str) -> String {
+    let mut v: Value = serde_json::from_str(conflist).expect("node conflist is JSON");
+    v["plugins"].as_array_mut().expect("plugins").push(json!({
+        "type": "istio-cni",
+        "log_level": "info",
+        "log_uds_address": "/var/run/istio-cni/log.sock",
+        "cni_event_address": "/var/run/istio-cni/pluginevent.sock",
+        "ambient_enabled": true,
+        "exclude_namespaces": ["kube-system"],
+        "kubernetes": {
+            "kubeconfig": "/etc/cni/net.d/ZZZ-istio-cni-kubeconfig",
+            "cni_bin_dir": "/opt/cni/bin"
+        }
+    }));
+    serde_json::to_string_pretty(&v).expect("conflist")
+}
+
+/// Replaces the node's conflist in one rename (as CNI installers do).
+fn write_conflist(text: &str) -> std::io::Result<()> {
+    let tmp = Path::new(NODE_CONFLIST).with_extension("conflist.tmp");
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, NODE_CONFLIST)
 }
 
 #[test]

@@ -37,7 +37,11 @@ impl Source {
 #[derive(Clone, Default)]
 pub struct Readiness {
     conditions: Arc<RwLock<BTreeMap<String, Source>>>,
+    /// Why a condition fails, where its owner can say (shown by `/readyz`).
+    reasons: Arc<RwLock<BTreeMap<String, Reason>>>,
 }
+
+type Reason = Arc<dyn Fn() -> Option<String> + Send + Sync>;
 
 impl std::fmt::Debug for Readiness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -82,6 +86,25 @@ impl Readiness {
             .insert(name.to_owned(), Source::Check(Arc::new(f)));
     }
 
+    /// Gives condition `name` a reason `/readyz` shows while it fails.
+    pub fn explain(&self, name: &str, why: impl Fn() -> Option<String> + Send + Sync + 'static) {
+        self.reasons
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), Arc::new(why));
+    }
+
+    /// The reason given for condition `name`, if any.
+    pub fn reason(&self, name: &str) -> Option<String> {
+        let why = self
+            .reasons
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned();
+        why.and_then(|f| f())
+    }
+
     /// Every condition and its current value, by name.
     pub fn snapshot(&self) -> Vec<(String, bool)> {
         let sources: Vec<(String, Source)> = self
@@ -116,7 +139,14 @@ pub fn readyz(readiness: &Readiness) -> Reply {
     if failing.is_empty() {
         Reply::text(200, "ready\n")
     } else {
-        Reply::text(503, format!("not ready: {}\n", failing.join(", ")))
+        let shown: Vec<String> = failing
+            .into_iter()
+            .map(|name| match readiness.reason(&name) {
+                Some(why) => format!("{name} ({why})"),
+                None => name,
+            })
+            .collect();
+        Reply::text(503, format!("not ready: {}\n", shown.join(", ")))
     }
 }
 
@@ -161,6 +191,21 @@ mod tests {
         );
         r.set(POD_SOURCE_SYNCED, true);
         r.set(PLUGIN_SOCKET_SERVING, true);
+        assert_eq!(
+            readyz(&r),
+            Reply::text(503, "not ready: install_in_place\n")
+        );
+        // A failing condition shows its owner's reason, if it gives one.
+        let why = Arc::new(std::sync::Mutex::new(Some(
+            "istio-cni is chained".to_owned(),
+        )));
+        let w = why.clone();
+        r.explain(INSTALL_IN_PLACE, move || w.lock().unwrap().clone());
+        assert_eq!(
+            readyz(&r),
+            Reply::text(503, "not ready: install_in_place (istio-cni is chained)\n")
+        );
+        *why.lock().unwrap() = None;
         assert_eq!(
             readyz(&r),
             Reply::text(503, "not ready: install_in_place\n")
