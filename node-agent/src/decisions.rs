@@ -33,6 +33,7 @@ use k8s_openapi::api::core::v1::Pod;
 use tracing::{debug, warn};
 
 use crate::mesh::controller::Controller;
+use crate::obs::fallbacks::FallbackMetrics;
 use crate::obs::metrics::Metrics;
 use crate::pods;
 use crate::policy::Policy;
@@ -127,11 +128,17 @@ fn now_s() -> u64 {
 
 /// Keeps the decisions file beside `socket` current (after the first sync: on every
 /// change and every `refresh`), and counts the plugin's fallbacks on every scrape.
-pub fn start(ctl: &Arc<Controller>, socket: &Path, refresh: Duration, metrics: &Arc<Metrics>) {
+pub fn start(
+    ctl: &Arc<Controller>,
+    socket: &Path,
+    refresh: Duration,
+    metrics: &Metrics,
+    counted: Arc<FallbackMetrics>,
+) {
     let fallbacks = format::fallbacks_beside(socket);
-    metrics.on_scrape(move |m| {
+    metrics.on_scrape(move || {
         let (pass, fail) = crate::obs::fallbacks::consume(&fallbacks);
-        m.plugin_fallbacks(pass, fail);
+        counted.add(pass, fail);
     });
     tokio::spawn(keep_written(
         ctl.clone(),

@@ -1,6 +1,7 @@
 //! The ambient-cni node agent: enrols pods into the ambient mesh and hands them to ztunnel.
 
 pub mod admin;
+pub mod agent_metrics;
 pub mod cli;
 pub mod cmd;
 pub mod decisions;

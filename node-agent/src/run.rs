@@ -121,6 +121,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let host = Netns::host_id(&args.host_proc).context("cannot identify the host netns")?;
     let probes = host_probes(&args);
     let table = Arc::new(Table::default());
+    let all_metrics = crate::agent_metrics::AgentMetrics::new();
     let enroller = Arc::new(Enroller::new(
         table,
         Effects {
@@ -140,10 +141,12 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         },
         args.host_proc.clone(),
         host,
+        all_metrics.enrol.clone(),
     ));
-    let metrics = crate::obs::metrics::global().clone();
-    metrics.watch_enroller(enroller.clone());
-    let controller = Controller::new(policy, enroller, source);
+    let metrics = all_metrics.exposition.clone();
+    let sampled = enroller.clone();
+    metrics.on_scrape(move || sampled.sample_metrics());
+    let controller = Controller::new(policy, enroller, source, all_metrics.reconcile.clone());
     let readiness = crate::obs::health::Readiness::agent();
     let ctl = controller.clone();
     readiness.check(crate::obs::health::POD_SOURCE_SYNCED, move || {
@@ -166,12 +169,14 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         &socket,
         std::time::Duration::from_secs(args.decisions_refresh_seconds),
         &metrics,
+        all_metrics.fallbacks.clone(),
     );
     readiness.set(crate::obs::health::PLUGIN_SOCKET_SERVING, true);
     let uid = nix::unistd::geteuid().as_raw();
     let plugin = tokio::spawn(plugin_server::serve(
         listener,
         controller.clone(),
+        all_metrics.plugin.clone(),
         uid,
         crate::run::shutdown_signal(),
     ));
@@ -198,18 +203,19 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     readiness.check(crate::obs::health::INSTALL_IN_PLACE, move || {
         ready.load(std::sync::atomic::Ordering::Acquire)
     });
-    let ready = install_ready.clone();
-    metrics
-        .on_scrape(move |m| m.set_install_ready(ready.load(std::sync::atomic::Ordering::Acquire)));
+    let (ready, install_metrics) = (install_ready.clone(), all_metrics.install.clone());
+    metrics.on_scrape(move || {
+        install_metrics.set_ready(ready.load(std::sync::atomic::Ordering::Acquire))
+    });
     // Decided at SIGTERM (see stop_mode): the installer waits for the answer before it stops.
     let (mode_tx, mode_rx) = tokio::sync::watch::channel(None);
     let installer = if args.install_cni {
         let inst = Arc::new(args.install.installer().context("installer settings")?);
-        let watched = inst.clone();
-        metrics.on_scrape(move |m| {
+        let (watched, m) = (inst.clone(), all_metrics.install.clone());
+        metrics.on_scrape(move || {
             use std::sync::atomic::Ordering::Relaxed;
             let st = watched.stats();
-            m.sync_install_repairs(st.repairs.load(Relaxed));
+            m.sync_repairs(st.repairs.load(Relaxed));
             m.sync_installs("SUCCESS", st.successes.load(Relaxed));
             m.sync_installs("CREATE_CNI_CONFIG_FAILURE", st.failures.load(Relaxed));
         });

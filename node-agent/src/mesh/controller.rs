@@ -15,6 +15,7 @@ use tonic::Status;
 use tracing::{debug, info, warn};
 
 use super::enroller::{EnrollError, Enroller, Request};
+use super::metrics::ReconcileMetrics;
 use super::table::{Held, Phase};
 use crate::plugin_server::PodHandler;
 use crate::pods::source::{Found, PodSource, SourceEvent};
@@ -44,6 +45,7 @@ pub struct Controller {
     retries: Mutex<HashMap<String, Retry>>,
     /// Retry timers alive (sleeping or reconciling), for tests and metrics.
     retry_timers: Arc<AtomicUsize>,
+    metrics: Arc<ReconcileMetrics>,
 }
 
 /// One pod's retry state: its backoff, and whether its one timer is scheduled.
@@ -61,7 +63,12 @@ fn ip_list(strs: &[String]) -> Vec<IpAddr> {
 
 impl Controller {
     /// A controller; call [`Controller::start`] to run it.
-    pub fn new(policy: Policy, enroller: Arc<Enroller>, source: Arc<dyn PodSource>) -> Arc<Self> {
+    pub fn new(
+        policy: Policy,
+        enroller: Arc<Enroller>,
+        source: Arc<dyn PodSource>,
+        metrics: Arc<ReconcileMetrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             policy,
             enroller,
@@ -71,6 +78,7 @@ impl Controller {
             ready: AtomicBool::new(false),
             retries: Mutex::new(HashMap::new()),
             retry_timers: Arc::new(AtomicUsize::new(0)),
+            metrics,
         })
     }
 
@@ -189,7 +197,7 @@ impl Controller {
             SourceEvent::Synced => None,
         };
         if let Some(kind) = kind {
-            crate::obs::metrics::global().reconcile_event(kind);
+            self.metrics.event(kind);
         }
         let old_labels = self.absorb(&ev);
         match ev {
@@ -490,7 +498,7 @@ impl Controller {
             self.enroller.store().remove(&rec.uid);
         }
         self.enroller.resync_probes();
-        crate::obs::metrics::global().reconcile(started.elapsed());
+        self.metrics.reconcile(started.elapsed());
         info!(
             held = self.enroller.table.all().len(),
             reapplied,
@@ -783,8 +791,16 @@ mod tests {
             },
             proc_dir,
             iptables_rules::netns::NsId { dev: 0, ino: 0 },
+            Arc::new(crate::mesh::metrics::EnrolMetrics::new(
+                &mut Default::default(),
+            )),
         );
-        let ctl = Controller::new(Policy::default(), Arc::new(enroller), Arc::new(NoSource));
+        let ctl = Controller::new(
+            Policy::default(),
+            Arc::new(enroller),
+            Arc::new(NoSource),
+            Arc::new(ReconcileMetrics::new(&mut Default::default())),
+        );
         ctl.absorb(&SourceEvent::Namespace {
             name: "mesh".into(),
             labels: [("istio.io/dataplane-mode".to_owned(), "ambient".to_owned())].into(),

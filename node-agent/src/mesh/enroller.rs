@@ -14,6 +14,7 @@ use iptables_rules::redirector::Redirector;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::hooks::{ProbeSet, StatusWriter};
+use super::metrics::{enrolment_result, pod_states, EnrolMetrics};
 use super::persist::{Record, Store};
 use super::table::{Held, Phase, Table};
 use crate::inpod::zds::server::ZdsServer;
@@ -96,6 +97,7 @@ pub struct Enroller {
     host_netns: NsId,
     zds_timeout: Duration,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: Arc<EnrolMetrics>,
 }
 
 /// The effects an enroller drives.
@@ -111,8 +113,14 @@ pub struct Effects {
 }
 
 impl Enroller {
-    /// An enroller over `table` with these effects.
-    pub fn new(table: Arc<Table>, fx: Effects, host_proc: PathBuf, host_netns: NsId) -> Self {
+    /// An enroller over `table` with these effects, counting in `metrics`.
+    pub fn new(
+        table: Arc<Table>,
+        fx: Effects,
+        host_proc: PathBuf,
+        host_netns: NsId,
+        metrics: Arc<EnrolMetrics>,
+    ) -> Self {
         Self {
             table,
             redirector: fx.redirector,
@@ -124,7 +132,20 @@ impl Enroller {
             host_netns,
             zds_timeout: Duration::from_secs(4),
             locks: Mutex::new(HashMap::new()),
+            metrics,
         }
+    }
+
+    /// The enroller's metrics (the controller times an ADD's lookup into them).
+    pub fn metrics(&self) -> &Arc<EnrolMetrics> {
+        &self.metrics
+    }
+
+    /// Samples live state into the gauges (run before each scrape).
+    pub fn sample_metrics(&self) {
+        self.metrics.set_ztunnels(self.ztunnels());
+        let (enabled, pending, failed) = pod_states(&self.table);
+        self.metrics.set_pods(enabled, pending, failed);
     }
 
     /// Hands the enroller its ZDS server, once state is rebuilt (before that, a
@@ -246,7 +267,7 @@ impl Enroller {
         }
         .instrument(span)
         .await;
-        crate::obs::metrics::global().enrolment(crate::obs::metrics::enrolment_result(&result));
+        self.metrics.enrolment(enrolment_result(&result));
         result
     }
 
@@ -333,7 +354,7 @@ impl Enroller {
                 msg,
             });
         if res.is_ok() {
-            crate::obs::metrics::global()
+            self.metrics
                 .rules_apply(self.redirector.kind().as_str(), started.elapsed());
         }
         res

@@ -6,5 +6,6 @@ pub mod enroller;
 pub mod hooks;
 pub mod host_probe;
 pub mod kube_status;
+pub mod metrics;
 pub mod persist;
 pub mod table;
