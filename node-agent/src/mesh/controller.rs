@@ -592,7 +592,12 @@ impl PodHandler for Controller {
             ));
         }
         let pref = pod_of(req.pod.as_ref())?;
-        let found = self.lookup(&pref.namespace, &pref.name).await?;
+        let t = std::time::Instant::now();
+        let found = self.lookup(&pref.namespace, &pref.name).await;
+        self.enroller
+            .metrics()
+            .add_phase(super::metrics::AddPhase::Lookup, t.elapsed());
+        let found = found?;
         if let Err(skip) = self.policy.evaluate(&found.pod, &found.namespace_labels) {
             debug!(namespace = %pref.namespace, pod = %pref.name, reason = %skip, "not in mesh");
             return Ok(pb::Decision::NotInMesh);

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use iptables_rules::config::InpodConfig;
 use iptables_rules::netns::{Netns, NsId};
@@ -14,7 +14,7 @@ use iptables_rules::redirector::Redirector;
 use tracing::{info, info_span, warn, Instrument};
 
 use super::hooks::{ProbeSet, StatusWriter};
-use super::metrics::{enrolment_result, pod_states, EnrolMetrics};
+use super::metrics::{enrolment_result, pod_states, AddPhase, EnrolMetrics};
 use super::persist::{Record, Store};
 use super::table::{Held, Phase, Table};
 use crate::inpod::zds::server::ZdsServer;
@@ -237,8 +237,13 @@ impl Enroller {
         let result = async {
             let lock = self.pod_lock(&req.id.uid);
             let _guard = lock.lock().await;
+            let t = Instant::now();
             let (netns, path) = self.netns_for(&req).await?;
+            self.metrics.add_phase(AddPhase::Netns, t.elapsed());
+            let t = Instant::now();
             self.apply_rules(&req.id, &netns, &req.cfg).await?;
+            self.metrics.add_phase(AddPhase::Rules, t.elapsed());
+            let t = Instant::now();
             // Held (pending) before the add, so a snapshot racing with it includes the pod.
             self.table.put(Held {
                 id: req.id.clone(),
@@ -263,7 +268,8 @@ impl Enroller {
             if let Err(e) = self.store.save(&rec) {
                 warn!(error = %e, "cannot record the pod's netns (a restart will scan /proc for it)");
             }
-            self.announce(&req.id).await
+            self.metrics.add_phase(AddPhase::Record, t.elapsed());
+            self.announce_timed(&req.id, true).await
         }
         .instrument(span)
         .await;
@@ -278,7 +284,9 @@ impl Enroller {
         let lock = self.pod_lock(&id.uid);
         let _guard = lock.lock().await;
         match self.table.get(&id.uid) {
-            Some(h) if h.phase == Phase::Pending && h.netns.is_some() => self.announce(id).await,
+            Some(h) if h.phase == Phase::Pending && h.netns.is_some() => {
+                self.announce_timed(id, false).await
+            }
             _ => Ok(()),
         }
     }
@@ -286,6 +294,16 @@ impl Enroller {
     /// Tells ztunnel about a held pod and finishes its enrolment; the pod stays
     /// pending on failure (retried later).
     pub async fn announce(&self, id: &PodId) -> Result<(), EnrollError> {
+        self.announce_timed(id, false).await
+    }
+
+    /// [`Enroller::announce`]; `timed`: an ADD's, whose phases go to the ADD histogram.
+    async fn announce_timed(&self, id: &PodId, timed: bool) -> Result<(), EnrollError> {
+        let phase = |p: AddPhase, t: Instant| {
+            if timed {
+                self.metrics.add_phase(p, t.elapsed());
+            }
+        };
         let Some(held) = self.table.get(&id.uid) else {
             return Ok(());
         };
@@ -295,6 +313,7 @@ impl Enroller {
                 msg: "netns unknown".into(),
             });
         };
+        let t = Instant::now();
         let failure = match self.zds.get() {
             None => Some("no ztunnel connection (ZDS socket not open yet)".to_owned()),
             Some(zds) => {
@@ -310,6 +329,7 @@ impl Enroller {
                 }
             }
         };
+        phase(AddPhase::Ztunnel, t);
         if let Some(msg) = failure {
             self.table.update(&id.uid, |h| {
                 h.last_error = Some(msg.clone());
@@ -322,17 +342,21 @@ impl Enroller {
                 msg,
             });
         }
+        let t = Instant::now();
         if let Err(e) = self.probes.upsert(&id.uid, &held.ips) {
             warn!(error = %e, "cannot add the pod's IPs to the host probe set");
         }
+        phase(AddPhase::Probes, t);
         self.table.update(&id.uid, |h| {
             h.phase = Phase::Enabled;
             h.last_error = None;
             h.since = SystemTime::now();
         });
+        let t = Instant::now();
         if let Err(e) = self.status.set(id, Some(Phase::Enabled.as_str())).await {
             warn!(error = %e, "cannot annotate the pod");
         }
+        phase(AddPhase::Status, t);
         info!("pod enrolled");
         Ok(())
     }
@@ -344,7 +368,7 @@ impl Enroller {
         cfg: &InpodConfig,
     ) -> Result<(), EnrollError> {
         let (r, ns, c) = (self.redirector.clone(), netns.clone(), cfg.clone());
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let res = tokio::task::spawn_blocking(move || r.apply(&ns, &c))
             .await
             .map_err(|e| e.to_string())
