@@ -13,6 +13,7 @@ use crate::cli::{BackendChoice, PodSourceKind, RunArgs};
 use crate::mesh::controller::Controller;
 use crate::mesh::enroller::{Effects, Enroller};
 use crate::mesh::hooks::{NoProbeSet, NoStatus};
+use crate::mesh::netns::HostNetns;
 use crate::mesh::persist::Store;
 use crate::mesh::table::Table;
 use crate::plugin_server;
@@ -125,7 +126,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let enroller = Arc::new(Enroller::new(
         table,
         Effects {
-            redirector,
+            netns: Arc::new(HostNetns::new(args.host_proc.clone(), host)),
+            rules: redirector,
             probes: probes.clone(),
             // A second client costs no extra connection: the source's are held by its watches.
             status: match args.pod_source {
@@ -137,10 +139,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
                 ),
                 PodSourceKind::Local => Arc::new(NoStatus),
             },
-            store,
+            store: Arc::new(store),
         },
-        args.host_proc.clone(),
-        host,
         all_metrics.enrol.clone(),
     ));
     let metrics = all_metrics.exposition.clone();
@@ -254,7 +254,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     // Listener first, then connections: ztunnel's instant reconnect must not land in a dying backlog.
-    if let Some(z) = controller.enroller().zds() {
+    if let Some(z) = controller.zds() {
         z.shutdown().await;
     }
     let mode = if signalled {

@@ -160,7 +160,7 @@ pub async fn doctor(ctl: &Controller, ns: &str, name: &str) -> (Vec<Check>, bool
         ),
         "",
     ));
-    let r = ctl.enroller().redirector().clone();
+    let r = ctl.enroller().rules().clone();
     let show = tokio::task::spawn_blocking(move || r.show(&netns, &cfg)).await;
     let mut healthy = true;
     match show {

@@ -1,6 +1,7 @@
 //! Moving one pod into or out of the mesh, in Istio's order (Istio's `cni/pkg/nodeagent/net.go`):
-//! netns → in-pod rules → ZDS add + ack → probe set → status. Steps for one pod
-//! are serialised; different pods proceed concurrently.
+//! netns → in-pod rules → record → ZDS add + ack → probe set → status. Steps for one pod
+//! are serialised; different pods proceed concurrently. Every effect is behind a small
+//! trait ([`Effects`]), so the steps are unit-tested with the fakes in `mesh/fakes.rs`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -9,15 +10,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use iptables_rules::config::InpodConfig;
-use iptables_rules::netns::{Netns, NsId};
-use iptables_rules::redirector::Redirector;
-use tracing::{info, info_span, warn, Instrument};
+use iptables_rules::netns::{Netns, NetnsError};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::hooks::{ProbeSet, StatusWriter};
 use super::metrics::{enrolment_result, pod_states, AddPhase, EnrolMetrics};
-use super::persist::{Record, Store};
+use super::netns::NetnsFinder;
+use super::persist::{Record, RecordStore};
+use super::rules::PodRules;
 use super::table::{Held, Phase, Table};
-use crate::inpod::zds::server::ZdsServer;
+use super::ztunnel::Ztunnel;
 use crate::pods::PodId;
 
 /// Why an enrolment step failed.
@@ -88,48 +90,42 @@ pub struct Request {
 pub struct Enroller {
     /// Held pods.
     pub table: Arc<Table>,
-    redirector: Arc<Redirector>,
-    zds: std::sync::OnceLock<Arc<ZdsServer>>,
+    netns: Arc<dyn NetnsFinder>,
+    rules: Arc<dyn PodRules>,
+    ztunnel: std::sync::OnceLock<Arc<dyn Ztunnel>>,
     probes: Arc<dyn ProbeSet>,
     status: Arc<dyn StatusWriter>,
-    store: Store,
-    host_proc: PathBuf,
-    host_netns: NsId,
+    store: Arc<dyn RecordStore>,
     zds_timeout: Duration,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     metrics: Arc<EnrolMetrics>,
 }
 
-/// The effects an enroller drives.
+/// The effects an enroller drives (ztunnel comes later: [`Enroller::set_ztunnel`]).
 pub struct Effects {
+    /// Finds pod netns.
+    pub netns: Arc<dyn NetnsFinder>,
     /// In-pod rules.
-    pub redirector: Arc<Redirector>,
+    pub rules: Arc<dyn PodRules>,
     /// Host probe set.
     pub probes: Arc<dyn ProbeSet>,
     /// Status annotation.
     pub status: Arc<dyn StatusWriter>,
     /// Netns records.
-    pub store: Store,
+    pub store: Arc<dyn RecordStore>,
 }
 
 impl Enroller {
     /// An enroller over `table` with these effects, counting in `metrics`.
-    pub fn new(
-        table: Arc<Table>,
-        fx: Effects,
-        host_proc: PathBuf,
-        host_netns: NsId,
-        metrics: Arc<EnrolMetrics>,
-    ) -> Self {
+    pub fn new(table: Arc<Table>, fx: Effects, metrics: Arc<EnrolMetrics>) -> Self {
         Self {
             table,
-            redirector: fx.redirector,
-            zds: std::sync::OnceLock::new(),
+            netns: fx.netns,
+            rules: fx.rules,
+            ztunnel: std::sync::OnceLock::new(),
             probes: fx.probes,
             status: fx.status,
             store: fx.store,
-            host_proc,
-            host_netns,
             zds_timeout: Duration::from_secs(4),
             locks: Mutex::new(HashMap::new()),
             metrics,
@@ -148,40 +144,20 @@ impl Enroller {
         self.metrics.set_pods(enabled, pending, failed);
     }
 
-    /// Hands the enroller its ZDS server, once state is rebuilt (before that, a
-    /// connecting ztunnel would get an empty snapshot and drain every pod).
-    pub fn set_zds(&self, zds: Arc<ZdsServer>) {
-        let _ = self.zds.set(zds);
-    }
-
-    /// The ZDS server, once set.
-    pub fn zds(&self) -> Option<&Arc<ZdsServer>> {
-        self.zds.get()
+    /// Hands the enroller its ztunnel side (the ZDS server), once state is rebuilt
+    /// (before that, a connecting ztunnel would get an empty snapshot and drain every pod).
+    pub fn set_ztunnel(&self, ztunnel: Arc<dyn Ztunnel>) {
+        let _ = self.ztunnel.set(ztunnel);
     }
 
     /// Number of connected ztunnels.
     pub fn ztunnels(&self) -> usize {
-        self.zds.get().map_or(0, |z| z.connections())
+        self.ztunnel.get().map_or(0, |z| z.connections())
     }
 
-    /// The rules redirector.
-    pub fn redirector(&self) -> &Arc<Redirector> {
-        &self.redirector
-    }
-
-    /// The record store.
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    /// The host netns identity (never treated as a pod's).
-    pub fn host_netns(&self) -> NsId {
-        self.host_netns
-    }
-
-    /// Where the host's /proc is mounted.
-    pub fn host_proc(&self) -> &std::path::Path {
-        &self.host_proc
+    /// The in-pod rules (CHECK, status and doctor read them).
+    pub fn rules(&self) -> &Arc<dyn PodRules> {
+        &self.rules
     }
 
     fn pod_lock(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -198,9 +174,8 @@ impl Enroller {
             msg,
         };
         if let Some(path) = &req.netns_path {
-            let host = self.host_netns;
-            let p = PathBuf::from(path);
-            let ns = tokio::task::spawn_blocking(move || Netns::open(&p, Some(host)))
+            let (finder, p) = (self.netns.clone(), PathBuf::from(path));
+            let ns = tokio::task::spawn_blocking(move || finder.open(&p))
                 .await
                 .map_err(|e| err(e.to_string()))?
                 .map_err(|e| err(e.to_string()))?;
@@ -218,12 +193,10 @@ impl Enroller {
             }
         }
         let wanted = HashMap::from([(req.id.uid.clone(), req.ips.clone())]);
-        let (proc_dir, host) = (self.host_proc.clone(), self.host_netns);
-        let mut found = tokio::task::spawn_blocking(move || {
-            crate::discovery::scan::scan_for_pods(&proc_dir, &wanted, host)
-        })
-        .await
-        .map_err(|e| err(e.to_string()))?;
+        let finder = self.netns.clone();
+        let mut found = tokio::task::spawn_blocking(move || finder.scan(&wanted))
+            .await
+            .map_err(|e| err(e.to_string()))?;
         let ns = found
             .remove(&req.id.uid)
             .ok_or_else(|| err("no process of this pod found in the host's /proc".into()))?;
@@ -314,7 +287,7 @@ impl Enroller {
             });
         };
         let t = Instant::now();
-        let failure = match self.zds.get() {
+        let failure = match self.ztunnel.get() {
             None => Some("no ztunnel connection (ZDS socket not open yet)".to_owned()),
             Some(zds) => {
                 let sent = tokio::time::timeout(
@@ -367,19 +340,19 @@ impl Enroller {
         netns: &Arc<Netns>,
         cfg: &InpodConfig,
     ) -> Result<(), EnrollError> {
-        let (r, ns, c) = (self.redirector.clone(), netns.clone(), cfg.clone());
+        let (r, ns, c) = (self.rules.clone(), netns.clone(), cfg.clone());
         let started = Instant::now();
         let res = tokio::task::spawn_blocking(move || r.apply(&ns, &c))
             .await
             .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
+            .and_then(|r| r)
             .map_err(|msg| EnrollError::Rules {
                 pod: id.clone(),
                 msg,
             });
         if res.is_ok() {
             self.metrics
-                .rules_apply(self.redirector.kind().as_str(), started.elapsed());
+                .rules_apply(self.rules.backend(), started.elapsed());
         }
         res
     }
@@ -438,11 +411,11 @@ impl Enroller {
             }
             if !deleted {
                 if let Some(ns) = held.netns.clone() {
-                    let (r, cfg) = (self.redirector.clone(), held.cfg.clone());
+                    let (r, cfg) = (self.rules.clone(), held.cfg.clone());
                     let res = tokio::task::spawn_blocking(move || r.remove(&ns, &cfg))
                         .await
                         .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()));
+                        .and_then(|r| r);
                     if let Err(msg) = res {
                         // Keep holding it so the removal is retried.
                         self.table.put(held);
@@ -450,7 +423,7 @@ impl Enroller {
                     }
                 }
             }
-            if let Some(zds) = self.zds.get() {
+            if let Some(zds) = self.ztunnel.get() {
                 if let Err(e) = zds.del_workload(&id.uid).await {
                     warn!(error = %e, "ztunnel did not ack DelWorkload (it drains the pod on its next snapshot)");
                 }
@@ -486,4 +459,110 @@ impl Enroller {
             None => Ok(()),
         }
     }
+
+    // ---- the narrow API of the restart rebuild (mesh/rebuild.rs) ----
+
+    /// Every netns record on disk.
+    pub async fn records(&self) -> Vec<Record> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.load_all())
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Opens the recorded netns of each record whose path still holds the recorded
+    /// netns (same inode): uid → (netns, path). Gone or reused paths are skipped.
+    pub async fn open_recorded(
+        &self,
+        records: Vec<Record>,
+    ) -> HashMap<String, (Arc<Netns>, String)> {
+        let finder = self.netns.clone();
+        tokio::task::spawn_blocking(move || open_records(finder.as_ref(), &records))
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Scans the host for the processes of these pods (uid → IPs): uid → netns.
+    pub async fn scan(&self, wanted: HashMap<String, Vec<IpAddr>>) -> HashMap<String, Arc<Netns>> {
+        if wanted.is_empty() {
+            return HashMap::new();
+        }
+        let finder = self.netns.clone();
+        tokio::task::spawn_blocking(move || finder.scan(&wanted))
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(uid, ns)| (uid, Arc::new(ns)))
+            .collect()
+    }
+
+    /// Holds a pod found again after a restart, its rules re-applied first (held even
+    /// when that fails: it is retried like any pending pod).
+    pub async fn restore(&self, held: Held) -> Result<(), EnrollError> {
+        let res = self.reapply(&held).await;
+        self.table.put(held);
+        res
+    }
+
+    /// Whether pod `uid` is held.
+    pub fn holds(&self, uid: &str) -> bool {
+        self.table.get(uid).is_some()
+    }
+
+    /// Number of held pods.
+    pub fn held_count(&self) -> usize {
+        self.table.all().len()
+    }
+
+    /// A pod released while the agent was down: its rules come out of its recorded
+    /// netns (when that is still there) with `cfg`.
+    pub async fn remove_recorded_rules(&self, rec: &Record, cfg: &InpodConfig) {
+        let (finder, rules, cfg, one) = (
+            self.netns.clone(),
+            self.rules.clone(),
+            cfg.clone(),
+            vec![rec.clone()],
+        );
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some((ns, _)) = open_records(finder.as_ref(), &one).into_values().next() {
+                if let Err(e) = rules.remove(&ns, &cfg) {
+                    warn!(netns = %ns.label(), error = %e, "cannot remove the rules of a released pod");
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Forgets pod `uid`'s record.
+    pub fn forget_record(&self, uid: &str) {
+        self.store.remove(uid);
+    }
 }
+
+/// Opens the recorded netns of each record whose path still holds the recorded
+/// netns (blocking). Bad paths are logged and skipped.
+fn open_records(
+    finder: &dyn NetnsFinder,
+    records: &[Record],
+) -> HashMap<String, (Arc<Netns>, String)> {
+    let mut out = HashMap::new();
+    for rec in records {
+        match finder.open(std::path::Path::new(&rec.netns_path)) {
+            Ok(ns) if ns.id().ino == rec.netns_inode => {
+                out.insert(rec.uid.clone(), (Arc::new(ns), rec.netns_path.clone()));
+            }
+            Ok(_) => debug!(uid = %rec.uid, "recorded netns path now holds another netns"),
+            Err(NetnsError::Open { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                debug!(uid = %rec.uid, "recorded netns gone");
+            }
+            Err(e) => warn!(uid = %rec.uid, error = %e, "recorded netns unusable"),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[path = "enroller_tests.rs"]
+mod tests;
