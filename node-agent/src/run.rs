@@ -15,11 +15,11 @@ use crate::mesh::enroller::{Effects, Enroller};
 use crate::mesh::hooks::{NoProbeSet, NoStatus};
 use crate::mesh::netns::HostNetns;
 use crate::mesh::persist::Store;
+use crate::mesh::policy::{parse_selectors, Policy};
 use crate::mesh::table::Table;
 use crate::plugin_server;
 use crate::pods::local::LocalSource;
 use crate::pods::source::PodSource;
-use crate::policy::{parse_selectors, Policy};
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -96,7 +96,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     // For the upgrade-or-uninstall question at SIGTERM (stop_mode); made now so a bad
     // configuration fails the start, not the stop.
     let stop_client = match args.pod_source {
-        PodSourceKind::Kube => Some(crate::pods::kube::client_from_env().await?),
+        PodSourceKind::Kube => Some(crate::kube_api::client_from_env().await?),
         PodSourceKind::Local => None,
     };
     let redirector = Arc::new(redirector_from(args.rules_backend)?);
@@ -112,8 +112,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("local pod source {}", dir.display()))?,
             )
         }
-        PodSourceKind::Kube => Arc::new(crate::pods::kube::KubeSource::new(
-            crate::pods::kube::client_from_env().await?,
+        PodSourceKind::Kube => Arc::new(crate::kube_api::pods::KubeSource::new(
+            crate::kube_api::client_from_env().await?,
             args.node_name.clone(),
         )),
     };
@@ -132,8 +132,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             // A second client costs no extra connection: the source's are held by its watches.
             status: match args.pod_source {
                 PodSourceKind::Kube => Arc::new(
-                    crate::mesh::kube_status::KubeStatus::new(
-                        crate::pods::kube::client_from_env().await?,
+                    crate::kube_api::status::KubeStatus::new(
+                        crate::kube_api::client_from_env().await?,
                     )
                     .with_node(args.node_name.clone()),
                 ),

@@ -16,13 +16,13 @@ use tracing::{debug, info, warn};
 
 use super::enroller::{EnrollError, Enroller, Request};
 use super::metrics::ReconcileMetrics;
+use super::policy::Policy;
 use super::rebuild::{rebuild, Wanted};
 use super::table::{Held, Phase};
 use crate::inpod::zds::server::ZdsServer;
 use crate::plugin_server::PodHandler;
 use crate::pods;
 use crate::pods::source::{Found, PodSource, SourceEvent};
-use crate::policy::Policy;
 
 /// How long a plugin ADD waits for the pod to show up in the cache before a direct lookup.
 const CACHE_WAIT: Duration = Duration::from_millis(500);
@@ -111,15 +111,14 @@ impl Controller {
         &self.policy
     }
 
-    /// The decisions file's content for the current cache (see [`crate::decisions`]).
-    pub fn decisions(&self, now_s: u64) -> ambient_cni_api::decisions::Decisions {
+    /// Reads the cache: `f` gets every cached pod and the labels of every namespace seen
+    /// (the decisions file is computed from them).
+    pub fn with_cache<R>(
+        &self,
+        f: impl FnOnce(&mut dyn Iterator<Item = &Pod>, &HashMap<String, BTreeMap<String, String>>) -> R,
+    ) -> R {
         let c = self.cache();
-        crate::decisions::compute(
-            &self.policy,
-            c.pods.values().map(|p| p.as_ref()),
-            &c.namespaces,
-            now_s,
-        )
+        f(&mut c.pods.values().map(|p| p.as_ref()), &c.namespaces)
     }
 
     /// Notified on every pod or namespace event.

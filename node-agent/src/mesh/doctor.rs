@@ -5,8 +5,8 @@
 use ambient_cni_api::admin::Check;
 
 use super::controller::Controller;
+use super::policy::{Skip, DATAPLANE_MODE};
 use super::table::Phase;
-use crate::policy::{Skip, DATAPLANE_MODE};
 
 fn check(name: &str, result: &str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
     Check {

@@ -14,7 +14,7 @@ use iptables_rules::netns::{Netns, NetnsError};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::hooks::{ProbeSet, StatusWriter};
-use super::metrics::{enrolment_result, pod_states, AddPhase, EnrolMetrics};
+use super::metrics::{pod_states, AddPhase, EnrolMetrics};
 use super::netns::NetnsFinder;
 use super::persist::{Record, RecordStore};
 use super::rules::PodRules;
@@ -55,6 +55,17 @@ impl EnrollError {
     /// Whether trying again later may succeed.
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::Ztunnel { .. } | Self::Rules { .. })
+    }
+}
+
+/// The `result` label of an enrolment: `enabled`, `pending` (ztunnel did not take it),
+/// `netns_error` or `rules_error`.
+pub fn enrolment_result(r: &Result<(), EnrollError>) -> &'static str {
+    match r {
+        Ok(()) => "enabled",
+        Err(EnrollError::Ztunnel { .. }) => "pending",
+        Err(EnrollError::Netns { .. }) => "netns_error",
+        Err(EnrollError::Rules { .. }) => "rules_error",
     }
 }
 

@@ -29,6 +29,16 @@ fn phase(e: &Enroller, uid: &str) -> Option<Phase> {
     e.table.get(uid).map(|h| h.phase)
 }
 
+#[test]
+fn enrolment_results_name_the_failed_step() {
+    let err = EnrollError::Ztunnel {
+        pod: id("u"),
+        msg: "m".into(),
+    };
+    assert_eq!(enrolment_result(&Err(err)), "pending");
+    assert_eq!(enrolment_result(&Ok(())), "enabled");
+}
+
 #[tokio::test]
 async fn add_runs_netns_rules_record_ztunnel_probes_status_in_order() {
     let fx = Fakes::new();

@@ -10,7 +10,6 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
-use super::enroller::EnrollError;
 use super::table::{Phase, Table};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -40,7 +39,7 @@ struct TypeLabel {
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
-/// Every `result` of [`enrolment_result`].
+/// Every `result` of an enrolment (`mesh::enroller::enrolment_result`).
 const ENROLMENT_RESULTS: [&str; 4] = ["enabled", "pending", "netns_error", "rules_error"];
 
 /// Seconds; one netns entry plus a restore batch or a netlink transaction.
@@ -176,7 +175,7 @@ impl EnrolMetrics {
         }
     }
 
-    /// One enrolment attempt ended with `result` (see [`enrolment_result`]).
+    /// One enrolment attempt ended with `result` (one of `enabled`, `pending`, `netns_error`, `rules_error`).
     pub fn enrolment(&self, result: &'static str) {
         self.enrolments.get_or_create(&ResultLabel { result }).inc();
     }
@@ -276,35 +275,4 @@ pub fn pod_states(table: &Table) -> (usize, usize, usize) {
             (Phase::Pending, None) => (e, p + 1, f),
             (Phase::Pending, Some(_)) => (e, p, f + 1),
         })
-}
-
-/// The `result` label of an enrolment: `enabled`, `pending` (ztunnel did not take it),
-/// `netns_error` or `rules_error`.
-pub fn enrolment_result(r: &Result<(), EnrollError>) -> &'static str {
-    match r {
-        Ok(()) => "enabled",
-        Err(EnrollError::Ztunnel { .. }) => "pending",
-        Err(EnrollError::Netns { .. }) => "netns_error",
-        Err(EnrollError::Rules { .. }) => "rules_error",
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn enrolment_results_name_the_failed_step() {
-        let pod = crate::pods::PodId {
-            namespace: "n".into(),
-            name: "p".into(),
-            uid: "u".into(),
-        };
-        let err = EnrollError::Ztunnel {
-            pod,
-            msg: "m".into(),
-        };
-        assert_eq!(enrolment_result(&Err(err)), "pending");
-        assert_eq!(enrolment_result(&Ok(())), "enabled");
-    }
 }
