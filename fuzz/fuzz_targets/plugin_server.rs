@@ -117,8 +117,12 @@ fn world() -> &'static World {
         let channel = rt.block_on(async {
             let listener = plugin_server::bind(&sock).expect("bind plugin socket");
             let h = recorder.clone();
+            let metrics = Arc::new(plugin_server::metrics::PluginMetrics::new(
+                &mut Default::default(),
+            ));
             tokio::spawn(async move {
-                let _ = plugin_server::serve(listener, h, uid, std::future::pending()).await;
+                let _ =
+                    plugin_server::serve(listener, h, metrics, uid, std::future::pending()).await;
             });
             let path = sock.clone();
             Endpoint::from_static("http://agent.local")

@@ -36,7 +36,7 @@ impl Admin for Service {
         for h in enroller.table.all() {
             let (rules_ok, rules_detail) = match h.netns.clone() {
                 Some(ns) => {
-                    let (r, cfg) = (enroller.redirector().clone(), h.cfg.clone());
+                    let (r, cfg) = (enroller.rules().clone(), h.cfg.clone());
                     match tokio::task::spawn_blocking(move || r.show(&ns, &cfg)).await {
                         Ok(Ok(rep)) => (
                             rep.complete,
@@ -74,7 +74,7 @@ impl Admin for Service {
         }
         Ok(Response::new(pb::StatusResponse {
             node: self.node.clone(),
-            backend: enroller.redirector().kind().to_string(),
+            backend: enroller.rules().backend().to_string(),
             ztunnel_connections: enroller.ztunnels() as u32,
             ready: self.ctl.is_ready(),
             pods,

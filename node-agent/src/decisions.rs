@@ -33,9 +33,10 @@ use k8s_openapi::api::core::v1::Pod;
 use tracing::{debug, warn};
 
 use crate::mesh::controller::Controller;
+use crate::mesh::policy::Policy;
+use crate::obs::fallbacks::FallbackMetrics;
 use crate::obs::metrics::Metrics;
 use crate::pods;
-use crate::policy::Policy;
 
 /// Bursts of pod events are coalesced into at most one write per this interval.
 const MIN_GAP: Duration = Duration::from_secs(1);
@@ -127,11 +128,17 @@ fn now_s() -> u64 {
 
 /// Keeps the decisions file beside `socket` current (after the first sync: on every
 /// change and every `refresh`), and counts the plugin's fallbacks on every scrape.
-pub fn start(ctl: &Arc<Controller>, socket: &Path, refresh: Duration, metrics: &Arc<Metrics>) {
+pub fn start(
+    ctl: &Arc<Controller>,
+    socket: &Path,
+    refresh: Duration,
+    metrics: &Metrics,
+    counted: Arc<FallbackMetrics>,
+) {
     let fallbacks = format::fallbacks_beside(socket);
-    metrics.on_scrape(move |m| {
+    metrics.on_scrape(move || {
         let (pass, fail) = crate::obs::fallbacks::consume(&fallbacks);
-        m.plugin_fallbacks(pass, fail);
+        counted.add(pass, fail);
     });
     tokio::spawn(keep_written(
         ctl.clone(),
@@ -149,7 +156,8 @@ async fn keep_written(ctl: Arc<Controller>, path: PathBuf, refresh: Duration) {
         // Before the first sync the cache is partial: the previous file stands until then.
         let ready = ctl.is_ready();
         if ready {
-            let d = ctl.decisions(now_s());
+            let d =
+                ctl.with_cache(|pods, namespaces| compute(ctl.policy(), pods, namespaces, now_s()));
             let (p, n) = (path.clone(), d.pods.len());
             match tokio::task::spawn_blocking(move || write_atomic(&p, &d)).await {
                 Ok(Ok(())) => debug!(path = %path.display(), pods = n, "decisions file written"),
@@ -170,7 +178,7 @@ async fn keep_written(ctl: Arc<Controller>, path: PathBuf, refresh: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::policy::{parse_selectors, DATAPLANE_MODE};
+    use crate::mesh::policy::{parse_selectors, DATAPLANE_MODE};
     use serde_json::json;
 
     fn pod(ns: &str, name: &str, labels: serde_json::Value) -> Pod {

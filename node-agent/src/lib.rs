@@ -1,18 +1,19 @@
 //! The ambient-cni node agent: enrols pods into the ambient mesh and hands them to ztunnel.
 
 pub mod admin;
+pub mod agent_metrics;
 pub mod cli;
 pub mod cmd;
 pub mod decisions;
 pub mod discovery;
 pub mod env_alias;
 pub mod inpod;
+pub mod kube_api;
 pub mod logging;
 pub mod mesh;
 pub mod obs;
 pub mod plugin_server;
 pub mod pods;
-pub mod policy;
 pub mod privileges;
 pub mod run;
 pub mod stop_mode;

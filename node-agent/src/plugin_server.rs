@@ -11,6 +11,10 @@ use tokio::net::UnixListener;
 use tonic::{Request, Response, Status};
 use tracing::info;
 
+pub mod metrics;
+
+use metrics::{add_result, outcome, PluginMetrics};
+
 /// What the agent does with plugin requests (the enrolment pipeline implements it).
 #[tonic::async_trait]
 pub trait PodHandler: Send + Sync + 'static {
@@ -66,6 +70,7 @@ fn check_version(v: i32) -> Result<(), Status> {
 
 struct Service<H> {
     handler: Arc<H>,
+    metrics: Arc<PluginMetrics>,
 }
 
 #[tonic::async_trait]
@@ -75,9 +80,8 @@ impl<H: PodHandler> Plugin for Service<H> {
         check_version(req.protocol_version)?;
         let started = std::time::Instant::now();
         let res = self.handler.add(req).await;
-        let m = crate::obs::metrics::global();
-        m.add_latency(started.elapsed());
-        m.plugin_request("ADD", crate::obs::metrics::add_result(&res));
+        self.metrics.add_latency(started.elapsed());
+        self.metrics.request("ADD", add_result(&res));
         let decision = res?;
         Ok(Response::new(pb::AddResponse {
             decision: decision as i32,
@@ -89,8 +93,7 @@ impl<H: PodHandler> Plugin for Service<H> {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
         let res = self.handler.del(req).await;
-        crate::obs::metrics::global()
-            .plugin_request("DEL", crate::obs::metrics::outcome(&res, |_| true));
+        self.metrics.request("DEL", outcome(&res, |_| true));
         res?;
         Ok(Response::new(pb::DelResponse {}))
     }
@@ -102,8 +105,7 @@ impl<H: PodHandler> Plugin for Service<H> {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
         let res = self.handler.check(req).await;
-        crate::obs::metrics::global()
-            .plugin_request("CHECK", crate::obs::metrics::outcome(&res, |r| r.ok));
+        self.metrics.request("CHECK", outcome(&res, |r| r.ok));
         Ok(Response::new(res?))
     }
 
@@ -113,8 +115,7 @@ impl<H: PodHandler> Plugin for Service<H> {
     ) -> Result<Response<pb::StatusResponse>, Status> {
         check_version(req.into_inner().protocol_version)?;
         let (ready, message) = self.handler.ready();
-        crate::obs::metrics::global()
-            .plugin_request("STATUS", crate::obs::metrics::outcome(&Ok(ready), |r| *r));
+        self.metrics.request("STATUS", outcome(&Ok(ready), |r| *r));
         Ok(Response::new(pb::StatusResponse { ready, message }))
     }
 
@@ -122,8 +123,7 @@ impl<H: PodHandler> Plugin for Service<H> {
         let req = req.into_inner();
         check_version(req.protocol_version)?;
         let res = self.handler.gc(req).await;
-        crate::obs::metrics::global()
-            .plugin_request("GC", crate::obs::metrics::outcome(&res, |_| true));
+        self.metrics.request("GC", outcome(&res, |_| true));
         res?;
         Ok(Response::new(pb::GcResponse {}))
     }
@@ -131,17 +131,19 @@ impl<H: PodHandler> Plugin for Service<H> {
 
 pub use crate::uds::{bind, SocketError};
 
-/// Serves plugin requests until `shutdown` resolves; peers whose uid is not `allowed_uid` are dropped.
+/// Serves plugin requests until `shutdown` resolves, counting them in `metrics`; peers whose
+/// uid is not `allowed_uid` are dropped.
 pub async fn serve<H: PodHandler>(
     listener: UnixListener,
     handler: Arc<H>,
+    metrics: Arc<PluginMetrics>,
     allowed_uid: u32,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     let incoming = crate::uds::peers_with_uid(listener, allowed_uid, "plugin");
     info!("plugin socket serving");
     tonic::transport::Server::builder()
-        .add_service(PluginServer::new(Service { handler }))
+        .add_service(PluginServer::new(Service { handler, metrics }))
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
 }

@@ -13,12 +13,13 @@ use crate::cli::{BackendChoice, PodSourceKind, RunArgs};
 use crate::mesh::controller::Controller;
 use crate::mesh::enroller::{Effects, Enroller};
 use crate::mesh::hooks::{NoProbeSet, NoStatus};
+use crate::mesh::netns::HostNetns;
 use crate::mesh::persist::Store;
+use crate::mesh::policy::{parse_selectors, Policy};
 use crate::mesh::table::Table;
 use crate::plugin_server;
 use crate::pods::local::LocalSource;
 use crate::pods::source::PodSource;
-use crate::policy::{parse_selectors, Policy};
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -95,7 +96,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     // For the upgrade-or-uninstall question at SIGTERM (stop_mode); made now so a bad
     // configuration fails the start, not the stop.
     let stop_client = match args.pod_source {
-        PodSourceKind::Kube => Some(crate::pods::kube::client_from_env().await?),
+        PodSourceKind::Kube => Some(crate::kube_api::client_from_env().await?),
         PodSourceKind::Local => None,
     };
     let redirector = Arc::new(redirector_from(args.rules_backend)?);
@@ -111,8 +112,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("local pod source {}", dir.display()))?,
             )
         }
-        PodSourceKind::Kube => Arc::new(crate::pods::kube::KubeSource::new(
-            crate::pods::kube::client_from_env().await?,
+        PodSourceKind::Kube => Arc::new(crate::kube_api::pods::KubeSource::new(
+            crate::kube_api::client_from_env().await?,
             args.node_name.clone(),
         )),
     };
@@ -121,29 +122,31 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let host = Netns::host_id(&args.host_proc).context("cannot identify the host netns")?;
     let probes = host_probes(&args);
     let table = Arc::new(Table::default());
+    let all_metrics = crate::agent_metrics::AgentMetrics::new();
     let enroller = Arc::new(Enroller::new(
         table,
         Effects {
-            redirector,
+            netns: Arc::new(HostNetns::new(args.host_proc.clone(), host)),
+            rules: redirector,
             probes: probes.clone(),
             // A second client costs no extra connection: the source's are held by its watches.
             status: match args.pod_source {
                 PodSourceKind::Kube => Arc::new(
-                    crate::mesh::kube_status::KubeStatus::new(
-                        crate::pods::kube::client_from_env().await?,
+                    crate::kube_api::status::KubeStatus::new(
+                        crate::kube_api::client_from_env().await?,
                     )
                     .with_node(args.node_name.clone()),
                 ),
                 PodSourceKind::Local => Arc::new(NoStatus),
             },
-            store,
+            store: Arc::new(store),
         },
-        args.host_proc.clone(),
-        host,
+        all_metrics.enrol.clone(),
     ));
-    let metrics = crate::obs::metrics::global().clone();
-    metrics.watch_enroller(enroller.clone());
-    let controller = Controller::new(policy, enroller, source);
+    let metrics = all_metrics.exposition.clone();
+    let sampled = enroller.clone();
+    metrics.on_scrape(move || sampled.sample_metrics());
+    let controller = Controller::new(policy, enroller, source, all_metrics.reconcile.clone());
     let readiness = crate::obs::health::Readiness::agent();
     let ctl = controller.clone();
     readiness.check(crate::obs::health::POD_SOURCE_SYNCED, move || {
@@ -166,12 +169,14 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         &socket,
         std::time::Duration::from_secs(args.decisions_refresh_seconds),
         &metrics,
+        all_metrics.fallbacks.clone(),
     );
     readiness.set(crate::obs::health::PLUGIN_SOCKET_SERVING, true);
     let uid = nix::unistd::geteuid().as_raw();
     let plugin = tokio::spawn(plugin_server::serve(
         listener,
         controller.clone(),
+        all_metrics.plugin.clone(),
         uid,
         crate::run::shutdown_signal(),
     ));
@@ -198,9 +203,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     readiness.check(crate::obs::health::INSTALL_IN_PLACE, move || {
         ready.load(std::sync::atomic::Ordering::Acquire)
     });
-    let ready = install_ready.clone();
-    metrics
-        .on_scrape(move |m| m.set_install_ready(ready.load(std::sync::atomic::Ordering::Acquire)));
+    let (ready, install_metrics) = (install_ready.clone(), all_metrics.install.clone());
+    metrics.on_scrape(move || {
+        install_metrics.set_ready(ready.load(std::sync::atomic::Ordering::Acquire))
+    });
     // Decided at SIGTERM (see stop_mode): the installer waits for the answer before it stops.
     let (mode_tx, mode_rx) = tokio::sync::watch::channel(None);
     let installer = if args.install_cni {
@@ -209,11 +215,11 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         readiness.explain(crate::obs::health::INSTALL_IN_PLACE, move || {
             explained.failing()
         });
-        let watched = inst.clone();
-        metrics.on_scrape(move |m| {
+        let (watched, m) = (inst.clone(), all_metrics.install.clone());
+        metrics.on_scrape(move || {
             use std::sync::atomic::Ordering::Relaxed;
             let st = watched.stats();
-            m.sync_install_repairs(st.repairs.load(Relaxed));
+            m.sync_repairs(st.repairs.load(Relaxed));
             m.sync_installs("SUCCESS", st.successes.load(Relaxed));
             m.sync_installs("CREATE_CNI_CONFIG_FAILURE", st.failures.load(Relaxed));
         });
@@ -252,7 +258,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         }
     };
     // Listener first, then connections: ztunnel's instant reconnect must not land in a dying backlog.
-    if let Some(z) = controller.enroller().zds() {
+    if let Some(z) = controller.zds() {
         z.shutdown().await;
     }
     let mode = if signalled {

@@ -77,7 +77,7 @@ pub async fn lookup(
         let state = match tokio::time::timeout(left, api.get_opt(name)).await {
             Ok(Ok(got)) => classify(Ok(got.as_ref())),
             Ok(Err(kube::Error::Api(s))) => classify(Err((Some(s.code), s.message.clone()))),
-            Ok(Err(e)) => classify(Err((None, crate::pods::kube::chain(&e)))),
+            Ok(Err(e)) => classify(Err((None, crate::kube_api::chain(&e)))),
             Err(_) => DaemonSetState::Unreachable(format!("no answer within {budget:?}")),
         };
         if !matches!(state, DaemonSetState::Unreachable(_)) || Instant::now() + RETRY >= deadline {

@@ -11,9 +11,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use ambient_cni_agent::kube_api::pods::KubeSource;
+use ambient_cni_agent::kube_api::status::KubeStatus;
 use ambient_cni_agent::mesh::hooks::StatusWriter;
-use ambient_cni_agent::mesh::kube_status::KubeStatus;
-use ambient_cni_agent::pods::kube::KubeSource;
 use ambient_cni_agent::pods::source::{PodSource, SourceEvent};
 use ambient_cni_agent::pods::{self, PodId};
 use anyhow::{bail, ensure, Context};

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use ambient_cni_agent::pods::kube::KubeSource;
+use ambient_cni_agent::kube_api::pods::KubeSource;
 use ambient_cni_agent::pods::source::{PodSource, SourceEvent};
 use fake_apiserver::FakeApi;
 use serde_json::{json, Value};

@@ -5,8 +5,8 @@
 #[path = "support/fake_apiserver.rs"]
 mod fake_apiserver;
 
+use ambient_cni_agent::kube_api::status::KubeStatus;
 use ambient_cni_agent::mesh::hooks::StatusWriter;
-use ambient_cni_agent::mesh::kube_status::KubeStatus;
 use ambient_cni_agent::pods::PodId;
 use fake_apiserver::{FakeApi, Request};
 use serde_json::json;

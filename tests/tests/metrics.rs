@@ -284,7 +284,7 @@ fn scrape(port: u16) -> Scrape {
 }
 
 /// Every family, its type, and its label names (Istio's names kept where dashboards use them).
-const FAMILIES: [(&str, &str, &[&str]); 14] = [
+const FAMILIES: [(&str, &str, &[&str]); 15] = [
     (
         "ambient_cni_plugin_requests",
         "counter",
@@ -298,6 +298,7 @@ const FAMILIES: [(&str, &str, &[&str]); 14] = [
         "histogram",
         &["backend"],
     ),
+    ("ambient_cni_add_phase_seconds", "histogram", &["phase"]),
     ("ztunnel_connected", "gauge", &[]),
     ("ambient_cni_pods", "gauge", &["state"]),
     ("ambient_cni_reconcile_runs", "counter", &[]),
@@ -413,6 +414,15 @@ fn metrics_and_health_follow_pods_through_the_real_chain() {
         );
     }
     let v = |n: &str, l: &[(&str, &str)]| s.value(n, l).unwrap_or_else(|| panic!("no {n} {l:?}"));
+    // Each phase of the captured ADD timed by the agent (the bench reads these names).
+    for phase in [
+        "lookup", "netns", "rules", "record", "ztunnel", "probes", "status",
+    ] {
+        assert!(
+            v("ambient_cni_add_phase_seconds_count", &[("phase", phase)]) >= 1.0,
+            "phase {phase} not timed"
+        );
+    }
     assert_eq!(
         v(
             "ambient_cni_plugin_requests_total",

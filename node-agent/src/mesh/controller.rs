@@ -2,10 +2,10 @@
 //! decides with the policy, drives the enroller, reconciles after a restart,
 //! retries pending pods, and answers the plugin.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use ambient_cni_api::plugin as pb;
@@ -15,11 +15,14 @@ use tonic::Status;
 use tracing::{debug, info, warn};
 
 use super::enroller::{EnrollError, Enroller, Request};
+use super::metrics::ReconcileMetrics;
+use super::policy::Policy;
+use super::rebuild::{rebuild, Wanted};
 use super::table::{Held, Phase};
+use crate::inpod::zds::server::ZdsServer;
 use crate::plugin_server::PodHandler;
+use crate::pods;
 use crate::pods::source::{Found, PodSource, SourceEvent};
-use crate::pods::{self, PodId};
-use crate::policy::Policy;
 
 /// How long a plugin ADD waits for the pod to show up in the cache before a direct lookup.
 const CACHE_WAIT: Duration = Duration::from_millis(500);
@@ -44,6 +47,9 @@ pub struct Controller {
     retries: Mutex<HashMap<String, Retry>>,
     /// Retry timers alive (sleeping or reconciling), for tests and metrics.
     retry_timers: Arc<AtomicUsize>,
+    metrics: Arc<ReconcileMetrics>,
+    /// The ZDS server once open (the agent shuts it down first at stop).
+    zds: OnceLock<Arc<ZdsServer>>,
 }
 
 /// One pod's retry state: its backoff, and whether its one timer is scheduled.
@@ -61,7 +67,12 @@ fn ip_list(strs: &[String]) -> Vec<IpAddr> {
 
 impl Controller {
     /// A controller; call [`Controller::start`] to run it.
-    pub fn new(policy: Policy, enroller: Arc<Enroller>, source: Arc<dyn PodSource>) -> Arc<Self> {
+    pub fn new(
+        policy: Policy,
+        enroller: Arc<Enroller>,
+        source: Arc<dyn PodSource>,
+        metrics: Arc<ReconcileMetrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             policy,
             enroller,
@@ -71,6 +82,8 @@ impl Controller {
             ready: AtomicBool::new(false),
             retries: Mutex::new(HashMap::new()),
             retry_timers: Arc::new(AtomicUsize::new(0)),
+            metrics,
+            zds: OnceLock::new(),
         })
     }
 
@@ -88,20 +101,24 @@ impl Controller {
         &self.enroller
     }
 
+    /// The ZDS server, once open.
+    pub fn zds(&self) -> Option<&Arc<ZdsServer>> {
+        self.zds.get()
+    }
+
     /// The policy.
     pub fn policy(&self) -> &Policy {
         &self.policy
     }
 
-    /// The decisions file's content for the current cache (see [`crate::decisions`]).
-    pub fn decisions(&self, now_s: u64) -> ambient_cni_api::decisions::Decisions {
+    /// Reads the cache: `f` gets every cached pod and the labels of every namespace seen
+    /// (the decisions file is computed from them).
+    pub fn with_cache<R>(
+        &self,
+        f: impl FnOnce(&mut dyn Iterator<Item = &Pod>, &HashMap<String, BTreeMap<String, String>>) -> R,
+    ) -> R {
         let c = self.cache();
-        crate::decisions::compute(
-            &self.policy,
-            c.pods.values().map(|p| p.as_ref()),
-            &c.namespaces,
-            now_s,
-        )
+        f(&mut c.pods.values().map(|p| p.as_ref()), &c.namespaces)
     }
 
     /// Notified on every pod or namespace event.
@@ -144,8 +161,9 @@ impl Controller {
         self.reconcile_after_start().await;
         let table: Arc<dyn crate::inpod::zds::snapshot::SnapshotSource> =
             self.enroller.table.clone();
-        let zds = crate::inpod::zds::server::ZdsServer::bind_with(&zds_path, table, zds_cfg)?;
-        self.enroller.set_zds(Arc::new(zds));
+        let zds = Arc::new(ZdsServer::bind_with(&zds_path, table, zds_cfg)?);
+        let _ = self.zds.set(zds.clone());
+        self.enroller.set_ztunnel(zds);
         self.ready.store(true, Ordering::Release);
         info!("agent ready");
         tokio::spawn(self.clone().retry_pending_loop());
@@ -189,7 +207,7 @@ impl Controller {
             SourceEvent::Synced => None,
         };
         if let Some(kind) = kind {
-            crate::obs::metrics::global().reconcile_event(kind);
+            self.metrics.event(kind);
         }
         let old_labels = self.absorb(&ev);
         match ev {
@@ -367,144 +385,37 @@ impl Controller {
         }
     }
 
-    /// After a (re)start: rebuild the held set from the pod source, the netns
-    /// records and a /proc scan; re-apply rules where they drifted; drop pods
-    /// deleted while the agent was down. ztunnel gets the result as its snapshot.
+    /// After a (re)start: rebuilds the held set (see [`super::rebuild`]) from what the
+    /// pod source says is in the mesh now.
     async fn reconcile_after_start(&self) {
         let started = std::time::Instant::now();
-        let store = self.enroller.store().clone();
-        let records = tokio::task::spawn_blocking(move || store.load_all())
-            .await
-            .unwrap_or_default();
-        let (wanted, pod_objs): (Vec<_>, HashMap<String, Arc<Pod>>) = {
+        let (wanted, existing) = {
             let c = self.cache();
             let mut wanted = Vec::new();
-            let mut objs = HashMap::new();
             for p in c.pods.values() {
                 let ns = p.metadata.namespace.clone().unwrap_or_default();
                 let labels = c.namespaces.get(&ns).cloned().unwrap_or_default();
                 if self.policy.evaluate(p, &labels).is_ok() {
-                    wanted.push(pods::pod_id(p));
-                    objs.insert(pods::pod_id(p).uid, p.clone());
+                    wanted.push(Wanted {
+                        id: pods::pod_id(p),
+                        service_account: pods::service_account(p),
+                        ips: pods::ips(p),
+                        cfg: self.policy.inpod_config(p).0,
+                    });
                 }
             }
-            (wanted, objs)
+            let existing: HashSet<String> = c.pods.keys().cloned().collect();
+            (wanted, existing)
         };
-        let host = self.enroller_host();
-        // Opening is file I/O on paths from disk: off the runtime workers.
-        let wanted_records: Vec<_> = records
-            .iter()
-            .filter(|r| pod_objs.contains_key(&r.uid))
-            .cloned()
-            .collect();
-        let mut by_uid: HashMap<String, (Arc<iptables_rules::netns::Netns>, String)> =
-            tokio::task::spawn_blocking(move || open_records(&wanted_records, host))
-                .await
-                .unwrap_or_default();
-        // Pods with no usable record: look for their processes.
-        let to_scan: HashMap<String, Vec<IpAddr>> = wanted
-            .iter()
-            .filter(|id| !by_uid.contains_key(&id.uid))
-            .filter_map(|id| {
-                let ips = pods::ips(pod_objs.get(&id.uid)?);
-                (!ips.is_empty()).then(|| (id.uid.clone(), ips))
-            })
-            .collect();
-        if !to_scan.is_empty() {
-            let proc_dir = self.enroller_host_proc();
-            let found = tokio::task::spawn_blocking(move || {
-                crate::discovery::scan::scan_for_pods(&proc_dir, &to_scan, host)
-            })
-            .await
-            .unwrap_or_default();
-            for (uid, ns) in found {
-                let label = ns.label().to_owned();
-                by_uid.insert(uid, (Arc::new(ns), label));
-            }
-        }
-        let mut reapplied = 0;
-        for id in &wanted {
-            let Some(pod) = pod_objs.get(&id.uid) else {
-                continue;
-            };
-            let (cfg, _) = self.policy.inpod_config(pod);
-            let netns = by_uid.get(&id.uid).cloned();
-            let was_held = records.iter().any(|r| r.uid == id.uid);
-            if netns.is_none() && !was_held {
-                // Never enrolled and not found: a new pod whose CNI ADD is still to come.
-                continue;
-            }
-            let held = Held {
-                id: id.clone(),
-                service_account: pods::service_account(pod),
-                netns: netns.as_ref().map(|(n, _)| n.clone()),
-                netns_path: netns.as_ref().map(|(_, p)| p.clone()),
-                cfg,
-                ips: pods::ips(pod),
-                // The recorded sandbox, when its netns is the recorded one (else a scan found it).
-                container_id: records
-                    .iter()
-                    .find(|r| r.uid == id.uid)
-                    .filter(|r| {
-                        netns
-                            .as_ref()
-                            .is_some_and(|(n, _)| n.id().ino == r.netns_inode)
-                    })
-                    .and_then(|r| r.container_id.clone()),
-                phase: Phase::Pending,
-                last_error: netns
-                    .is_none()
-                    .then(|| "netns not found after restart".to_owned()),
-                since: std::time::SystemTime::now(),
-            };
-            if let Err(e) = self.enroller.reapply(&held).await {
-                warn!(pod = %id, error = %e, "re-applying rules after restart failed");
-            } else if held.netns.is_some() {
-                reapplied += 1;
-            }
-            self.enroller.table.put(held);
-        }
-        // Records of pods that are gone or no longer selected.
-        for rec in records {
-            if self.enroller.table.get(&rec.uid).is_some() {
-                continue;
-            }
-            let id = PodId {
-                namespace: rec.namespace.clone(),
-                name: rec.name.clone(),
-                uid: rec.uid.clone(),
-            };
-            if pod_objs.contains_key(&rec.uid) || self.cache().pods.contains_key(&rec.uid) {
-                // Still exists but left the mesh while we were down: take its rules out.
-                let r = self.enroller.redirector().clone();
-                let cfg = self.policy.inpod.clone();
-                let one = vec![rec.clone()];
-                let _ = tokio::task::spawn_blocking(move || {
-                    if let Some((ns, _)) = open_records(&one, host).into_values().next() {
-                        let _ = r.remove(&ns, &cfg);
-                    }
-                })
-                .await;
-            }
-            info!(pod = %id, "dropping a pod deleted or released while the agent was down");
-            self.enroller.store().remove(&rec.uid);
-        }
-        self.enroller.resync_probes();
-        crate::obs::metrics::global().reconcile(started.elapsed());
+        let done = rebuild(&self.enroller, &wanted, &existing, &self.policy.inpod).await;
+        self.metrics.reconcile(started.elapsed());
         info!(
-            held = self.enroller.table.all().len(),
-            reapplied,
+            held = done.held,
+            reapplied = done.reapplied,
+            dropped = done.dropped,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "state rebuilt after start"
         );
-    }
-
-    fn enroller_host(&self) -> iptables_rules::netns::NsId {
-        self.enroller.host_netns()
-    }
-
-    fn enroller_host_proc(&self) -> std::path::PathBuf {
-        self.enroller.host_proc().to_owned()
     }
 
     /// Looks a pod up for a plugin request: the cache, a short wait for the watch, then the source.
@@ -534,31 +445,6 @@ impl Controller {
     }
 }
 
-/// Opens the recorded netns of each record whose path still holds the recorded
-/// netns (blocking: call off the runtime workers). Bad paths are logged and skipped.
-fn open_records(
-    records: &[super::persist::Record],
-    host: iptables_rules::netns::NsId,
-) -> HashMap<String, (Arc<iptables_rules::netns::Netns>, String)> {
-    let mut out = HashMap::new();
-    for rec in records {
-        let path = std::path::Path::new(&rec.netns_path);
-        match iptables_rules::netns::Netns::open(path, Some(host)) {
-            Ok(ns) if ns.id().ino == rec.netns_inode => {
-                out.insert(rec.uid.clone(), (Arc::new(ns), rec.netns_path.clone()));
-            }
-            Ok(_) => debug!(uid = %rec.uid, "recorded netns path now holds another netns"),
-            Err(iptables_rules::netns::NetnsError::Open { source, .. })
-                if source.kind() == std::io::ErrorKind::NotFound =>
-            {
-                debug!(uid = %rec.uid, "recorded netns gone");
-            }
-            Err(e) => warn!(uid = %rec.uid, error = %e, "recorded netns unusable"),
-        }
-    }
-    out
-}
-
 impl Controller {
     /// The held pod a plugin request names: by UID when it carries one, else by name.
     fn held_for(&self, pref: &pb::PodRef) -> Option<Held> {
@@ -584,7 +470,12 @@ impl PodHandler for Controller {
             ));
         }
         let pref = pod_of(req.pod.as_ref())?;
-        let found = self.lookup(&pref.namespace, &pref.name).await?;
+        let t = std::time::Instant::now();
+        let found = self.lookup(&pref.namespace, &pref.name).await;
+        self.enroller
+            .metrics()
+            .add_phase(super::metrics::AddPhase::Lookup, t.elapsed());
+        let found = found?;
         if let Err(skip) = self.policy.evaluate(&found.pod, &found.namespace_labels) {
             debug!(namespace = %pref.namespace, pod = %pref.name, reason = %skip, "not in mesh");
             return Ok(pb::Decision::NotInMesh);
@@ -665,12 +556,12 @@ impl PodHandler for Controller {
                 message: "pod netns unknown".into(),
             });
         };
-        let r = self.enroller.redirector().clone();
+        let r = self.enroller.rules().clone();
         let cfg = h.cfg.clone();
         let report = tokio::task::spawn_blocking(move || r.show(&ns, &cfg))
             .await
             .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(Status::unavailable)?;
         Ok(if report.complete && h.phase == Phase::Enabled {
             ok("captured")
         } else {
@@ -715,111 +606,5 @@ impl PodHandler for Controller {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::mesh::enroller::Effects;
-    use crate::mesh::hooks::{NoProbeSet, NoStatus};
-    use crate::mesh::persist::Store;
-    use crate::mesh::table::Table;
-    use iptables_rules::backend::{BackendKind, Installed, RulesBackend};
-    use iptables_rules::config::InpodConfig;
-    use iptables_rules::error::RulesError;
-    use iptables_rules::redirector::Redirector;
-    use serde_json::json;
-
-    /// Rules are never reached: the pod's netns is never found.
-    struct NoRules;
-    impl RulesBackend for NoRules {
-        fn kind(&self) -> BackendKind {
-            BackendKind::Nftables
-        }
-        fn apply(&self, _: &InpodConfig) -> Result<(), RulesError> {
-            unreachable!("no netns, no rules")
-        }
-        fn remove(&self, _: &InpodConfig) -> Result<(), RulesError> {
-            unreachable!("no netns, no rules")
-        }
-        fn installed(&self, _: &InpodConfig) -> Result<Installed, RulesError> {
-            unreachable!("no netns, no rules")
-        }
-    }
-
-    struct NoSource;
-    #[tonic::async_trait]
-    impl PodSource for NoSource {
-        fn name(&self) -> &'static str {
-            "none"
-        }
-        async fn run(self: Arc<Self>, _: mpsc::Sender<SourceEvent>) {}
-        async fn get(&self, _: &str, _: &str) -> Result<Option<Found>, String> {
-            Ok(None)
-        }
-    }
-
-    fn pod(version: usize) -> Arc<Pod> {
-        Arc::new(
-            serde_json::from_value(json!({
-                "metadata": {"namespace": "mesh", "name": "web", "uid": "u-web",
-                             "resourceVersion": version.to_string()},
-                "spec": {"containers": []},
-                "status": {"phase": "Running", "podIP": "10.1.2.3", "podIPs": [{"ip": "10.1.2.3"}]},
-            }))
-            .unwrap(),
-        )
-    }
-
-    /// A mesh pod whose netns can never be found (an empty host /proc): every
-    /// reconcile fails with a retryable error.
-    fn controller(dir: &std::path::Path) -> Arc<Controller> {
-        let proc_dir = dir.join("proc");
-        std::fs::create_dir_all(&proc_dir).unwrap();
-        let enroller = Enroller::new(
-            Arc::new(Table::default()),
-            Effects {
-                redirector: Arc::new(Redirector::new(Box::new(NoRules))),
-                probes: Arc::new(NoProbeSet),
-                status: Arc::new(NoStatus),
-                store: Store::open(dir.join("pods")).unwrap(),
-            },
-            proc_dir,
-            iptables_rules::netns::NsId { dev: 0, ino: 0 },
-        );
-        let ctl = Controller::new(Policy::default(), Arc::new(enroller), Arc::new(NoSource));
-        ctl.absorb(&SourceEvent::Namespace {
-            name: "mesh".into(),
-            labels: [("istio.io/dataplane-mode".to_owned(), "ambient".to_owned())].into(),
-        });
-        ctl
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn updates_to_an_unenrollable_pod_share_one_retry_timer() {
-        let dir = std::env::temp_dir().join(format!("acni-retry-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let ctl = controller(&dir);
-        for v in 0..100 {
-            ctl.clone().handle(SourceEvent::Pod(pod(v)));
-        }
-        // Watch a few backoff rounds: never more than the one timer.
-        let until = tokio::time::Instant::now() + Duration::from_millis(1500);
-        let mut most = 0;
-        while tokio::time::Instant::now() < until {
-            most = most.max(ctl.retry_timers());
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-        assert_eq!(most, 1, "one retry chain per pod");
-        assert_eq!(ctl.retrying_pods(), 1);
-        assert!(ctl.enroller.table.get("u-web").is_none());
-
-        // Deleted: its state goes at once, its timer when it next wakes.
-        ctl.clone().handle(SourceEvent::PodDeleted(pod(100)));
-        assert_eq!(ctl.retrying_pods(), 0, "the retry map forgets deleted pods");
-        let until = tokio::time::Instant::now() + RETRY_MAX + Duration::from_secs(1);
-        while ctl.retry_timers() > 0 && tokio::time::Instant::now() < until {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        assert_eq!(ctl.retry_timers(), 0, "no chain outlives its pod");
-        assert_eq!(ctl.retrying_pods(), 0);
-        std::fs::remove_dir_all(&dir).unwrap();
-    }
-}
+#[path = "controller_tests.rs"]
+mod tests;

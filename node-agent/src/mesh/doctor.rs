@@ -5,8 +5,8 @@
 use ambient_cni_api::admin::Check;
 
 use super::controller::Controller;
+use super::policy::{Skip, DATAPLANE_MODE};
 use super::table::Phase;
-use crate::policy::{Skip, DATAPLANE_MODE};
 
 fn check(name: &str, result: &str, detail: impl Into<String>, fix: impl Into<String>) -> Check {
     Check {
@@ -160,7 +160,7 @@ pub async fn doctor(ctl: &Controller, ns: &str, name: &str) -> (Vec<Check>, bool
         ),
         "",
     ));
-    let r = ctl.enroller().redirector().clone();
+    let r = ctl.enroller().rules().clone();
     let show = tokio::task::spawn_blocking(move || r.show(&netns, &cfg)).await;
     let mut healthy = true;
     match show {

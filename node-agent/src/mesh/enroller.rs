@@ -1,22 +1,25 @@
 //! Moving one pod into or out of the mesh, in Istio's order (Istio's `cni/pkg/nodeagent/net.go`):
-//! netns → in-pod rules → ZDS add + ack → probe set → status. Steps for one pod
-//! are serialised; different pods proceed concurrently.
+//! netns → in-pod rules → record → ZDS add + ack → probe set → status. Steps for one pod
+//! are serialised; different pods proceed concurrently. Every effect is behind a small
+//! trait ([`Effects`]), so the steps are unit-tested with the fakes in `mesh/fakes.rs`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use iptables_rules::config::InpodConfig;
-use iptables_rules::netns::{Netns, NsId};
-use iptables_rules::redirector::Redirector;
-use tracing::{info, info_span, warn, Instrument};
+use iptables_rules::netns::{Netns, NetnsError};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use super::hooks::{ProbeSet, StatusWriter};
-use super::persist::{Record, Store};
+use super::metrics::{pod_states, AddPhase, EnrolMetrics};
+use super::netns::NetnsFinder;
+use super::persist::{Record, RecordStore};
+use super::rules::PodRules;
 use super::table::{Held, Phase, Table};
-use crate::inpod::zds::server::ZdsServer;
+use super::ztunnel::Ztunnel;
 use crate::pods::PodId;
 
 /// Why an enrolment step failed.
@@ -55,6 +58,17 @@ impl EnrollError {
     }
 }
 
+/// The `result` label of an enrolment: `enabled`, `pending` (ztunnel did not take it),
+/// `netns_error` or `rules_error`.
+pub fn enrolment_result(r: &Result<(), EnrollError>) -> &'static str {
+    match r {
+        Ok(()) => "enabled",
+        Err(EnrollError::Ztunnel { .. }) => "pending",
+        Err(EnrollError::Netns { .. }) => "netns_error",
+        Err(EnrollError::Rules { .. }) => "rules_error",
+    }
+}
+
 /// Whether a runtime request for sandbox `requested` concerns the held pod whose
 /// sandbox is `held`. Like the reference plugins, requests are keyed by container ID;
 /// a pod held without one (enrolled by a namespace relabel or a /proc scan) and a
@@ -87,80 +101,74 @@ pub struct Request {
 pub struct Enroller {
     /// Held pods.
     pub table: Arc<Table>,
-    redirector: Arc<Redirector>,
-    zds: std::sync::OnceLock<Arc<ZdsServer>>,
+    netns: Arc<dyn NetnsFinder>,
+    rules: Arc<dyn PodRules>,
+    ztunnel: std::sync::OnceLock<Arc<dyn Ztunnel>>,
     probes: Arc<dyn ProbeSet>,
     status: Arc<dyn StatusWriter>,
-    store: Store,
-    host_proc: PathBuf,
-    host_netns: NsId,
+    store: Arc<dyn RecordStore>,
     zds_timeout: Duration,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    metrics: Arc<EnrolMetrics>,
 }
 
-/// The effects an enroller drives.
+/// The effects an enroller drives (ztunnel comes later: [`Enroller::set_ztunnel`]).
 pub struct Effects {
+    /// Finds pod netns.
+    pub netns: Arc<dyn NetnsFinder>,
     /// In-pod rules.
-    pub redirector: Arc<Redirector>,
+    pub rules: Arc<dyn PodRules>,
     /// Host probe set.
     pub probes: Arc<dyn ProbeSet>,
     /// Status annotation.
     pub status: Arc<dyn StatusWriter>,
     /// Netns records.
-    pub store: Store,
+    pub store: Arc<dyn RecordStore>,
 }
 
 impl Enroller {
-    /// An enroller over `table` with these effects.
-    pub fn new(table: Arc<Table>, fx: Effects, host_proc: PathBuf, host_netns: NsId) -> Self {
+    /// An enroller over `table` with these effects, counting in `metrics`.
+    pub fn new(table: Arc<Table>, fx: Effects, metrics: Arc<EnrolMetrics>) -> Self {
         Self {
             table,
-            redirector: fx.redirector,
-            zds: std::sync::OnceLock::new(),
+            netns: fx.netns,
+            rules: fx.rules,
+            ztunnel: std::sync::OnceLock::new(),
             probes: fx.probes,
             status: fx.status,
             store: fx.store,
-            host_proc,
-            host_netns,
             zds_timeout: Duration::from_secs(4),
             locks: Mutex::new(HashMap::new()),
+            metrics,
         }
     }
 
-    /// Hands the enroller its ZDS server, once state is rebuilt (before that, a
-    /// connecting ztunnel would get an empty snapshot and drain every pod).
-    pub fn set_zds(&self, zds: Arc<ZdsServer>) {
-        let _ = self.zds.set(zds);
+    /// The enroller's metrics (the controller times an ADD's lookup into them).
+    pub fn metrics(&self) -> &Arc<EnrolMetrics> {
+        &self.metrics
     }
 
-    /// The ZDS server, once set.
-    pub fn zds(&self) -> Option<&Arc<ZdsServer>> {
-        self.zds.get()
+    /// Samples live state into the gauges (run before each scrape).
+    pub fn sample_metrics(&self) {
+        self.metrics.set_ztunnels(self.ztunnels());
+        let (enabled, pending, failed) = pod_states(&self.table);
+        self.metrics.set_pods(enabled, pending, failed);
+    }
+
+    /// Hands the enroller its ztunnel side (the ZDS server), once state is rebuilt
+    /// (before that, a connecting ztunnel would get an empty snapshot and drain every pod).
+    pub fn set_ztunnel(&self, ztunnel: Arc<dyn Ztunnel>) {
+        let _ = self.ztunnel.set(ztunnel);
     }
 
     /// Number of connected ztunnels.
     pub fn ztunnels(&self) -> usize {
-        self.zds.get().map_or(0, |z| z.connections())
+        self.ztunnel.get().map_or(0, |z| z.connections())
     }
 
-    /// The rules redirector.
-    pub fn redirector(&self) -> &Arc<Redirector> {
-        &self.redirector
-    }
-
-    /// The record store.
-    pub fn store(&self) -> &Store {
-        &self.store
-    }
-
-    /// The host netns identity (never treated as a pod's).
-    pub fn host_netns(&self) -> NsId {
-        self.host_netns
-    }
-
-    /// Where the host's /proc is mounted.
-    pub fn host_proc(&self) -> &std::path::Path {
-        &self.host_proc
+    /// The in-pod rules (CHECK, status and doctor read them).
+    pub fn rules(&self) -> &Arc<dyn PodRules> {
+        &self.rules
     }
 
     fn pod_lock(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -177,9 +185,8 @@ impl Enroller {
             msg,
         };
         if let Some(path) = &req.netns_path {
-            let host = self.host_netns;
-            let p = PathBuf::from(path);
-            let ns = tokio::task::spawn_blocking(move || Netns::open(&p, Some(host)))
+            let (finder, p) = (self.netns.clone(), PathBuf::from(path));
+            let ns = tokio::task::spawn_blocking(move || finder.open(&p))
                 .await
                 .map_err(|e| err(e.to_string()))?
                 .map_err(|e| err(e.to_string()))?;
@@ -197,12 +204,10 @@ impl Enroller {
             }
         }
         let wanted = HashMap::from([(req.id.uid.clone(), req.ips.clone())]);
-        let (proc_dir, host) = (self.host_proc.clone(), self.host_netns);
-        let mut found = tokio::task::spawn_blocking(move || {
-            crate::discovery::scan::scan_for_pods(&proc_dir, &wanted, host)
-        })
-        .await
-        .map_err(|e| err(e.to_string()))?;
+        let finder = self.netns.clone();
+        let mut found = tokio::task::spawn_blocking(move || finder.scan(&wanted))
+            .await
+            .map_err(|e| err(e.to_string()))?;
         let ns = found
             .remove(&req.id.uid)
             .ok_or_else(|| err("no process of this pod found in the host's /proc".into()))?;
@@ -216,8 +221,13 @@ impl Enroller {
         let result = async {
             let lock = self.pod_lock(&req.id.uid);
             let _guard = lock.lock().await;
+            let t = Instant::now();
             let (netns, path) = self.netns_for(&req).await?;
+            self.metrics.add_phase(AddPhase::Netns, t.elapsed());
+            let t = Instant::now();
             self.apply_rules(&req.id, &netns, &req.cfg).await?;
+            self.metrics.add_phase(AddPhase::Rules, t.elapsed());
+            let t = Instant::now();
             // Held (pending) before the add, so a snapshot racing with it includes the pod.
             self.table.put(Held {
                 id: req.id.clone(),
@@ -242,11 +252,12 @@ impl Enroller {
             if let Err(e) = self.store.save(&rec) {
                 warn!(error = %e, "cannot record the pod's netns (a restart will scan /proc for it)");
             }
-            self.announce(&req.id).await
+            self.metrics.add_phase(AddPhase::Record, t.elapsed());
+            self.announce_timed(&req.id, true).await
         }
         .instrument(span)
         .await;
-        crate::obs::metrics::global().enrolment(crate::obs::metrics::enrolment_result(&result));
+        self.metrics.enrolment(enrolment_result(&result));
         result
     }
 
@@ -257,7 +268,9 @@ impl Enroller {
         let lock = self.pod_lock(&id.uid);
         let _guard = lock.lock().await;
         match self.table.get(&id.uid) {
-            Some(h) if h.phase == Phase::Pending && h.netns.is_some() => self.announce(id).await,
+            Some(h) if h.phase == Phase::Pending && h.netns.is_some() => {
+                self.announce_timed(id, false).await
+            }
             _ => Ok(()),
         }
     }
@@ -265,6 +278,16 @@ impl Enroller {
     /// Tells ztunnel about a held pod and finishes its enrolment; the pod stays
     /// pending on failure (retried later).
     pub async fn announce(&self, id: &PodId) -> Result<(), EnrollError> {
+        self.announce_timed(id, false).await
+    }
+
+    /// [`Enroller::announce`]; `timed`: an ADD's, whose phases go to the ADD histogram.
+    async fn announce_timed(&self, id: &PodId, timed: bool) -> Result<(), EnrollError> {
+        let phase = |p: AddPhase, t: Instant| {
+            if timed {
+                self.metrics.add_phase(p, t.elapsed());
+            }
+        };
         let Some(held) = self.table.get(&id.uid) else {
             return Ok(());
         };
@@ -274,7 +297,8 @@ impl Enroller {
                 msg: "netns unknown".into(),
             });
         };
-        let failure = match self.zds.get() {
+        let t = Instant::now();
+        let failure = match self.ztunnel.get() {
             None => Some("no ztunnel connection (ZDS socket not open yet)".to_owned()),
             Some(zds) => {
                 let sent = tokio::time::timeout(
@@ -289,6 +313,7 @@ impl Enroller {
                 }
             }
         };
+        phase(AddPhase::Ztunnel, t);
         if let Some(msg) = failure {
             self.table.update(&id.uid, |h| {
                 h.last_error = Some(msg.clone());
@@ -301,17 +326,21 @@ impl Enroller {
                 msg,
             });
         }
+        let t = Instant::now();
         if let Err(e) = self.probes.upsert(&id.uid, &held.ips) {
             warn!(error = %e, "cannot add the pod's IPs to the host probe set");
         }
+        phase(AddPhase::Probes, t);
         self.table.update(&id.uid, |h| {
             h.phase = Phase::Enabled;
             h.last_error = None;
             h.since = SystemTime::now();
         });
+        let t = Instant::now();
         if let Err(e) = self.status.set(id, Some(Phase::Enabled.as_str())).await {
             warn!(error = %e, "cannot annotate the pod");
         }
+        phase(AddPhase::Status, t);
         info!("pod enrolled");
         Ok(())
     }
@@ -322,19 +351,19 @@ impl Enroller {
         netns: &Arc<Netns>,
         cfg: &InpodConfig,
     ) -> Result<(), EnrollError> {
-        let (r, ns, c) = (self.redirector.clone(), netns.clone(), cfg.clone());
-        let started = std::time::Instant::now();
+        let (r, ns, c) = (self.rules.clone(), netns.clone(), cfg.clone());
+        let started = Instant::now();
         let res = tokio::task::spawn_blocking(move || r.apply(&ns, &c))
             .await
             .map_err(|e| e.to_string())
-            .and_then(|r| r.map_err(|e| e.to_string()))
+            .and_then(|r| r)
             .map_err(|msg| EnrollError::Rules {
                 pod: id.clone(),
                 msg,
             });
         if res.is_ok() {
-            crate::obs::metrics::global()
-                .rules_apply(self.redirector.kind().as_str(), started.elapsed());
+            self.metrics
+                .rules_apply(self.rules.backend(), started.elapsed());
         }
         res
     }
@@ -393,11 +422,11 @@ impl Enroller {
             }
             if !deleted {
                 if let Some(ns) = held.netns.clone() {
-                    let (r, cfg) = (self.redirector.clone(), held.cfg.clone());
+                    let (r, cfg) = (self.rules.clone(), held.cfg.clone());
                     let res = tokio::task::spawn_blocking(move || r.remove(&ns, &cfg))
                         .await
                         .map_err(|e| e.to_string())
-                        .and_then(|r| r.map_err(|e| e.to_string()));
+                        .and_then(|r| r);
                     if let Err(msg) = res {
                         // Keep holding it so the removal is retried.
                         self.table.put(held);
@@ -405,7 +434,7 @@ impl Enroller {
                     }
                 }
             }
-            if let Some(zds) = self.zds.get() {
+            if let Some(zds) = self.ztunnel.get() {
                 if let Err(e) = zds.del_workload(&id.uid).await {
                     warn!(error = %e, "ztunnel did not ack DelWorkload (it drains the pod on its next snapshot)");
                 }
@@ -441,4 +470,110 @@ impl Enroller {
             None => Ok(()),
         }
     }
+
+    // ---- the narrow API of the restart rebuild (mesh/rebuild.rs) ----
+
+    /// Every netns record on disk.
+    pub async fn records(&self) -> Vec<Record> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.load_all())
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Opens the recorded netns of each record whose path still holds the recorded
+    /// netns (same inode): uid → (netns, path). Gone or reused paths are skipped.
+    pub async fn open_recorded(
+        &self,
+        records: Vec<Record>,
+    ) -> HashMap<String, (Arc<Netns>, String)> {
+        let finder = self.netns.clone();
+        tokio::task::spawn_blocking(move || open_records(finder.as_ref(), &records))
+            .await
+            .unwrap_or_default()
+    }
+
+    /// Scans the host for the processes of these pods (uid → IPs): uid → netns.
+    pub async fn scan(&self, wanted: HashMap<String, Vec<IpAddr>>) -> HashMap<String, Arc<Netns>> {
+        if wanted.is_empty() {
+            return HashMap::new();
+        }
+        let finder = self.netns.clone();
+        tokio::task::spawn_blocking(move || finder.scan(&wanted))
+            .await
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(uid, ns)| (uid, Arc::new(ns)))
+            .collect()
+    }
+
+    /// Holds a pod found again after a restart, its rules re-applied first (held even
+    /// when that fails: it is retried like any pending pod).
+    pub async fn restore(&self, held: Held) -> Result<(), EnrollError> {
+        let res = self.reapply(&held).await;
+        self.table.put(held);
+        res
+    }
+
+    /// Whether pod `uid` is held.
+    pub fn holds(&self, uid: &str) -> bool {
+        self.table.get(uid).is_some()
+    }
+
+    /// Number of held pods.
+    pub fn held_count(&self) -> usize {
+        self.table.all().len()
+    }
+
+    /// A pod released while the agent was down: its rules come out of its recorded
+    /// netns (when that is still there) with `cfg`.
+    pub async fn remove_recorded_rules(&self, rec: &Record, cfg: &InpodConfig) {
+        let (finder, rules, cfg, one) = (
+            self.netns.clone(),
+            self.rules.clone(),
+            cfg.clone(),
+            vec![rec.clone()],
+        );
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some((ns, _)) = open_records(finder.as_ref(), &one).into_values().next() {
+                if let Err(e) = rules.remove(&ns, &cfg) {
+                    warn!(netns = %ns.label(), error = %e, "cannot remove the rules of a released pod");
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Forgets pod `uid`'s record.
+    pub fn forget_record(&self, uid: &str) {
+        self.store.remove(uid);
+    }
 }
+
+/// Opens the recorded netns of each record whose path still holds the recorded
+/// netns (blocking). Bad paths are logged and skipped.
+fn open_records(
+    finder: &dyn NetnsFinder,
+    records: &[Record],
+) -> HashMap<String, (Arc<Netns>, String)> {
+    let mut out = HashMap::new();
+    for rec in records {
+        match finder.open(std::path::Path::new(&rec.netns_path)) {
+            Ok(ns) if ns.id().ino == rec.netns_inode => {
+                out.insert(rec.uid.clone(), (Arc::new(ns), rec.netns_path.clone()));
+            }
+            Ok(_) => debug!(uid = %rec.uid, "recorded netns path now holds another netns"),
+            Err(NetnsError::Open { source, .. })
+                if source.kind() == std::io::ErrorKind::NotFound =>
+            {
+                debug!(uid = %rec.uid, "recorded netns gone");
+            }
+            Err(e) => warn!(uid = %rec.uid, error = %e, "recorded netns unusable"),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+#[path = "enroller_tests.rs"]
+mod tests;

@@ -3,8 +3,15 @@
 pub mod controller;
 pub mod doctor;
 pub mod enroller;
+#[cfg(test)]
+pub mod fakes;
 pub mod hooks;
 pub mod host_probe;
-pub mod kube_status;
+pub mod metrics;
+pub mod netns;
 pub mod persist;
+pub mod policy;
+pub mod rebuild;
+pub mod rules;
 pub mod table;
+pub mod ztunnel;

@@ -29,6 +29,28 @@ pub struct Record {
     pub container_id: Option<String>,
 }
 
+/// Where records are kept (blocking: call off the runtime workers where it matters).
+pub trait RecordStore: Send + Sync {
+    /// Saves (or replaces) a pod's record.
+    fn save(&self, rec: &Record) -> std::io::Result<()>;
+    /// Removes a pod's record (absent is fine).
+    fn remove(&self, uid: &str);
+    /// Every readable record.
+    fn load_all(&self) -> Vec<Record>;
+}
+
+impl RecordStore for Store {
+    fn save(&self, rec: &Record) -> std::io::Result<()> {
+        Store::save(self, rec)
+    }
+    fn remove(&self, uid: &str) {
+        Store::remove(self, uid)
+    }
+    fn load_all(&self) -> Vec<Record> {
+        Store::load_all(self)
+    }
+}
+
 /// Largest record file read back: a record is a few hundred bytes, and a file
 /// that is not ours must not cost the agent its memory at start-up.
 pub const MAX_RECORD_LEN: u64 = 64 * 1024;

@@ -8,7 +8,47 @@ use std::path::Path;
 use ambient_cni_api::decisions::{
     FALLBACK_FAIL_CLOSED, FALLBACK_PASS_THROUGH, MAX_FALLBACKS_BYTES,
 };
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
 use tracing::warn;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+/// `ambient_cni_plugin_fallback_total{outcome}`, fed from the counter file at each scrape.
+#[derive(Debug)]
+pub struct FallbackMetrics {
+    fallbacks: Family<OutcomeLabel, Counter>,
+}
+
+impl FallbackMetrics {
+    /// Registers the fallback counter in `r` (both outcomes at 0).
+    pub fn new(r: &mut Registry) -> Self {
+        let fallbacks = Family::<OutcomeLabel, Counter>::default();
+        r.register(
+            "ambient_cni_plugin_fallback",
+            "Plugin ADDs the agent did not answer, by what the decisions file allowed (counted by the plugin, read on scrape)",
+            fallbacks.clone(),
+        );
+        for outcome in ["pass_through", "fail_closed"] {
+            let _ = fallbacks.get_or_create(&OutcomeLabel { outcome });
+        }
+        Self { fallbacks }
+    }
+
+    /// Plugin fallbacks counted since the last scrape: passed through, failed closed.
+    pub fn add(&self, pass_through: u64, fail_closed: u64) {
+        for (outcome, n) in [("pass_through", pass_through), ("fail_closed", fail_closed)] {
+            self.fallbacks
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc_by(n);
+        }
+    }
+}
 
 /// Counts (passed through, failed closed) in `bytes`; other bytes are ignored.
 pub fn count(bytes: &[u8]) -> (u64, u64) {

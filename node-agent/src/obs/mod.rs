@@ -5,6 +5,7 @@ pub mod conns;
 pub mod fallbacks;
 pub mod health;
 pub mod http;
+pub mod installer;
 pub mod metrics;
 
 use std::future::Future;

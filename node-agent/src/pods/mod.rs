@@ -1,6 +1,5 @@
 //! Pods as the agent sees them: Kubernetes `Pod`/`Namespace` objects, and where they come from.
 
-pub mod kube;
 pub mod local;
 pub mod source;
 

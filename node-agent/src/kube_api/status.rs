@@ -12,8 +12,8 @@ use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::Client;
 use serde_json::json;
 
-use super::hooks::StatusWriter;
-use crate::pods::kube::chain;
+use super::chain;
+use crate::mesh::hooks::StatusWriter;
 use crate::pods::PodId;
 
 /// The status annotation.

@@ -22,34 +22,11 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tracing::{debug, info, warn};
 
-use super::source::{Found, PodSource, SourceEvent};
+use super::chain;
+use crate::pods::source::{Found, PodSource, SourceEvent};
 
 /// How long a direct lookup (the plugin's cache-miss path) may take.
 const GET_TIMEOUT: Duration = Duration::from_secs(3);
-
-/// A client from `KUBECONFIG` (or `~/.kube/config`), else the in-cluster service account.
-pub async fn client_from_env() -> anyhow::Result<Client> {
-    let config = kube::Config::infer().await.map_err(|e| {
-        anyhow::anyhow!("no Kubernetes client configuration (KUBECONFIG or in-cluster): {e}")
-    })?;
-    Client::try_from(config).map_err(|e| anyhow::anyhow!("cannot build the Kubernetes client: {e}"))
-}
-
-/// An error with its causes ("client error (Connect): ... Connection refused").
-pub(crate) fn chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        let s = c.to_string();
-        // Wrappers often repeat their cause's text.
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = c.source();
-    }
-    out
-}
 
 /// Pods of one node, and all namespaces, from the Kubernetes API.
 #[derive(Clone)]
