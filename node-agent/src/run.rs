@@ -16,10 +16,14 @@ use crate::mesh::hooks::{NoProbeSet, NoStatus};
 use crate::mesh::netns::HostNetns;
 use crate::mesh::persist::Store;
 use crate::mesh::policy::{parse_selectors, Policy};
+use crate::mesh::status_queue::QueuedStatus;
 use crate::mesh::table::Table;
 use crate::plugin_server;
 use crate::pods::local::LocalSource;
 use crate::pods::source::PodSource;
+
+/// How long a stopping agent waits for queued pod status writes.
+const STATUS_DRAIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Runs the agent until SIGTERM/SIGINT.
 pub fn run(args: RunArgs) -> anyhow::Result<()> {
@@ -122,6 +126,14 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let host = Netns::host_id(&args.host_proc).context("cannot identify the host netns")?;
     let probes = host_probes(&args);
     let table = Arc::new(Table::default());
+    // The annotation is written after the ADD returns (queued per pod, coalesced, retried).
+    let status_queue = match args.pod_source {
+        PodSourceKind::Kube => Some(QueuedStatus::spawn(Arc::new(
+            crate::kube_api::status::KubeStatus::new(crate::kube_api::client_from_env().await?)
+                .with_node(args.node_name.clone()),
+        ))),
+        PodSourceKind::Local => None,
+    };
     let all_metrics = crate::agent_metrics::AgentMetrics::new();
     let enroller = Arc::new(Enroller::new(
         table,
@@ -130,14 +142,9 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             rules: redirector,
             probes: probes.clone(),
             // A second client costs no extra connection: the source's are held by its watches.
-            status: match args.pod_source {
-                PodSourceKind::Kube => Arc::new(
-                    crate::kube_api::status::KubeStatus::new(
-                        crate::kube_api::client_from_env().await?,
-                    )
-                    .with_node(args.node_name.clone()),
-                ),
-                PodSourceKind::Local => Arc::new(NoStatus),
+            status: match &status_queue {
+                Some(q) => q.clone(),
+                None => Arc::new(NoStatus),
             },
             store: Arc::new(store),
         },
@@ -283,6 +290,14 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
             args.ztunnel_uds_address.clone(),
         ] {
             remove_our_socket(&path);
+        }
+    }
+    if let Some(q) = &status_queue {
+        if !q.flush(STATUS_DRAIN).await {
+            warn!(
+                backlog = q.backlog(),
+                "stopping with pod status writes not done (the next agent rewrites them)"
+            );
         }
     }
     let _ = std::fs::remove_file(&socket);

@@ -13,5 +13,6 @@ pub mod persist;
 pub mod policy;
 pub mod rebuild;
 pub mod rules;
+pub mod status_queue;
 pub mod table;
 pub mod ztunnel;
