@@ -7,6 +7,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::config::InpodConfig;
+use crate::drift::Finding;
 use crate::error::RulesError;
 
 pub mod iptables;
@@ -71,6 +72,8 @@ pub struct Installed {
     pub sections: Vec<InstalledSection>,
     /// True if exactly the ruleset for the given config is installed.
     pub matches_expected: bool,
+    /// How our state differs from the ruleset for the given config (empty when it matches).
+    pub drift: Vec<Finding>,
 }
 
 impl Installed {

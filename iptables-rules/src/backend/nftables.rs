@@ -9,6 +9,7 @@
 
 use crate::backend::{BackendKind, Installed, InstalledSection, RulesBackend};
 use crate::config::InpodConfig;
+use crate::drift::{compare_sections, Finding};
 use crate::error::RulesError;
 use crate::generate::inpod_ruleset;
 use crate::model::{Ruleset, Table};
@@ -115,6 +116,17 @@ fn read_tables(sock: &mut NftSocket) -> Result<Vec<NftTable>, NftError> {
     Ok(out)
 }
 
+/// Each table as a section named `inet <table>` with its [`table_lines`].
+fn sections_of(tables: &[NftTable]) -> Vec<InstalledSection> {
+    tables
+        .iter()
+        .map(|t| InstalledSection {
+            name: format!("inet {}", t.name),
+            lines: table_lines(t),
+        })
+        .collect()
+}
+
 /// Text lines of one table: chain headers and rules (normalized: no handles or counter values).
 pub fn table_lines(t: &NftTable) -> Vec<String> {
     let mut lines = Vec::new();
@@ -155,17 +167,20 @@ impl RulesBackend for NftablesBackend {
     fn installed(&self, cfg: &InpodConfig) -> Result<Installed, RulesError> {
         let expected = lower::lower(&inpod_ruleset(cfg))?;
         let actual = self.read_tables()?;
-        let sections = actual
-            .iter()
-            .map(|t| InstalledSection {
-                name: format!("inet {}", t.name),
-                lines: table_lines(t),
-            })
-            .collect();
+        let sections = sections_of(&actual);
+        let mut drift = compare_sections(&sections_of(&expected), &sections);
+        let matches_expected = actual == expected;
+        if !matches_expected && drift.is_empty() {
+            // The text lines print every field; this only guards against a future blind spot.
+            drift.push(Finding::SectionExtra {
+                section: "inet (differs from the expected tables)".into(),
+            });
+        }
         Ok(Installed {
             backend: BackendKind::Nftables,
             sections,
-            matches_expected: actual == expected,
+            matches_expected,
+            drift,
         })
     }
 }
