@@ -37,7 +37,7 @@ pub struct VerifyMetrics {
 
 impl VerifyMetrics {
     /// Creates the metrics and registers them in `registry` (every label value starts at 0).
-    pub fn register(registry: &mut Registry) -> Self {
+    pub fn new(registry: &mut Registry) -> Self {
         let m = Self {
             repairs: Family::default(),
             verifications: Family::default(),
