@@ -75,7 +75,7 @@ impl Redirector {
     pub fn verify(&self, ns: &Netns, cfg: &InpodConfig) -> Result<Vec<Finding>, RulesError> {
         let label = ns.label().to_owned();
         ns.run(|| {
-            let mut drift = self.backend.installed(cfg)?.drift;
+            let mut drift = self.backend.drift(cfg)?;
             let st = route::state()?;
             drift.extend(compare_route(
                 &st,

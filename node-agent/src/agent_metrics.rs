@@ -139,8 +139,7 @@ mod tests {
         m.install.sync_installs("SUCCESS", 2);
         m.install.set_ready(true);
         m.fallbacks.add(2, 1);
-        m.verify
-            .repaired(iptables_rules::drift::DriftKind::Rules);
+        m.verify.repaired(iptables_rules::drift::DriftKind::Rules);
         let e = scrape(&m);
         let v = |n: &str, l: &[(&str, &str)]| e.value(n, l).unwrap_or_else(|| panic!("{n} {l:?}"));
         assert_eq!(

@@ -76,13 +76,21 @@ fn sh(ns: &Netns, args: &[&str]) {
         .run(move || Command::new(&args[0]).args(&args[1..]).output())
         .unwrap()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs a command in the calling thread's netns (the test's "host").
 fn host_sh(args: &[&str]) {
     let out = Command::new(args[0]).args(&args[1..]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A netlink socket (in the calling thread's netns) that hears every nf_tables change and every
@@ -119,7 +127,9 @@ struct Pod {
 fn pod_netns() -> Pod {
     let fd: OwnedFd = std::thread::spawn(|| {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
-        std::fs::File::open("/proc/thread-self/ns/net").unwrap().into()
+        std::fs::File::open("/proc/thread-self/ns/net")
+            .unwrap()
+            .into()
     })
     .join()
     .unwrap();
@@ -318,8 +328,18 @@ fn every_kind_of_drift_is_found_and_repaired_and_clean_pods_cost_no_write() {
                 sh(
                     &w.pod.ns,
                     &[
-                        "nft", "replace", "rule", "inet", nat, "istio-output", "handle", &handle,
-                        "tcp", "dport", "9", "accept",
+                        "nft",
+                        "replace",
+                        "rule",
+                        "inet",
+                        nat,
+                        "istio-output",
+                        "handle",
+                        &handle,
+                        "tcp",
+                        "dport",
+                        "9",
+                        "accept",
                     ],
                 );
             },
@@ -337,7 +357,17 @@ fn every_kind_of_drift_is_found_and_repaired_and_clean_pods_cost_no_write() {
             |w| {
                 sh(
                     &w.pod.ns,
-                    &["ip", "route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", "100"],
+                    &[
+                        "ip",
+                        "route",
+                        "del",
+                        "local",
+                        "0.0.0.0/0",
+                        "dev",
+                        "lo",
+                        "table",
+                        "100",
+                    ],
                 )
             },
             DriftKind::Route,
@@ -349,7 +379,17 @@ fn every_kind_of_drift_is_found_and_repaired_and_clean_pods_cost_no_write() {
             |w| {
                 sh(
                     &w.pod.ns,
-                    &["ip", "rule", "del", "fwmark", "0x111/0xfff", "pref", "32764", "lookup", "100"],
+                    &[
+                        "ip",
+                        "rule",
+                        "del",
+                        "fwmark",
+                        "0x111/0xfff",
+                        "pref",
+                        "32764",
+                        "lookup",
+                        "100",
+                    ],
                 )
             },
             DriftKind::FwmarkRule,
@@ -396,18 +436,34 @@ fn scheduled_verifier_repairs_within_one_interval_and_on_request() {
         let interval = Duration::from_secs(1);
         ambient_cni_agent::verify::verifier::spawn(w.enroller.clone(), w.metrics.clone(), interval);
         // "Verify now" (a failed CHECK) is served at once, before the first scheduled pass.
-        sh(&w.pod.ns, &["nft", "flush", "table", "inet", "istio-ambient-nat"]);
+        sh(
+            &w.pod.ns,
+            &["nft", "flush", "table", "inet", "istio-ambient-nat"],
+        );
         let t0 = Instant::now();
         w.enroller.request_verify(UID);
         while w.metrics.repairs(DriftKind::Rules) < 1 {
-            assert!(t0.elapsed() < Duration::from_millis(800), "not verified at once");
+            assert!(
+                t0.elapsed() < Duration::from_millis(800),
+                "not verified at once"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         // Scheduled passes: drift is repaired within one interval (plus the repair itself).
         tokio::time::sleep(Duration::from_millis(300)).await;
         sh(
             &w.pod.ns,
-            &["ip", "route", "del", "local", "0.0.0.0/0", "dev", "lo", "table", "100"],
+            &[
+                "ip",
+                "route",
+                "del",
+                "local",
+                "0.0.0.0/0",
+                "dev",
+                "lo",
+                "table",
+                "100",
+            ],
         );
         let t1 = Instant::now();
         while w.metrics.repairs(DriftKind::Route) < 1 {
@@ -417,7 +473,11 @@ fn scheduled_verifier_repairs_within_one_interval_and_on_request() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let v = w.enroller.table.verified(UID).expect("doctor's last verification");
+        let v = w
+            .enroller
+            .table
+            .verified(UID)
+            .expect("doctor's last verification");
         assert!(v.outcome.in_place(), "{:?}", v.outcome);
     });
 }

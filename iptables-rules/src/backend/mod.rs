@@ -94,6 +94,12 @@ pub trait RulesBackend: Send + Sync {
     fn remove(&self, cfg: &InpodConfig) -> Result<(), RulesError>;
     /// Reports our installed state and whether it equals the ruleset for `cfg`.
     fn installed(&self, cfg: &InpodConfig) -> Result<Installed, RulesError>;
+    /// How our installed state differs from the ruleset for `cfg` (empty: exactly in place).
+    /// Read-only; what the drift verifier calls for every held pod, so backends may skip
+    /// building [`Installed::sections`] when nothing differs.
+    fn drift(&self, cfg: &InpodConfig) -> Result<Vec<Finding>, RulesError> {
+        Ok(self.installed(cfg)?.drift)
+    }
 }
 
 /// Builds a backend of `kind` (iptables: detects the flavour now, in the caller's netns).

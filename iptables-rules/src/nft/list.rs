@@ -78,6 +78,24 @@ impl NftSocket {
         Ok(out)
     }
 
+    /// Chains of every table of one family, in one dump (the kernel's order).
+    pub fn list_family_chains(&mut self, family: u8) -> Result<Vec<ChainInfo>, NftError> {
+        let what = format!("list chains of family {}", super::batch::fam(family));
+        let msgs = self.dump(NFT_MSG_GETCHAIN, family, &[], &what)?;
+        msgs.iter()
+            .map(|m| parse_chain(m).ok_or_else(|| NftError::Protocol { what: what.clone() }))
+            .collect()
+    }
+
+    /// Rules of every table of one family, in one dump (chain by chain, the kernel's order).
+    pub fn list_family_rules(&mut self, family: u8) -> Result<Vec<RuleInfo>, NftError> {
+        let what = format!("list rules of family {}", super::batch::fam(family));
+        let msgs = self.dump(NFT_MSG_GETRULE, family, &[], &what)?;
+        msgs.iter()
+            .map(|m| parse_rule(m).ok_or_else(|| NftError::Protocol { what: what.clone() }))
+            .collect()
+    }
+
     /// Elements of one set (key bytes and comment).
     pub fn list_elements(
         &mut self,

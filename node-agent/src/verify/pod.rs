@@ -160,12 +160,27 @@ fn unreadable(e: String) -> Finding {
     }
 }
 
+/// Findings shown in a log line or Event, at most; each cut to [`MAX_FINDING`] characters, so
+/// a flushed table (tens of rules) still makes a readable Event.
+const MAX_SHOWN: usize = 3;
+const MAX_FINDING: usize = 200;
+
 fn describe(findings: &[Finding]) -> String {
-    findings
+    let mut parts: Vec<String> = findings
         .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ")
+        .take(MAX_SHOWN)
+        .map(|f| {
+            let t = f.to_string();
+            match t.char_indices().nth(MAX_FINDING) {
+                Some((i, _)) => format!("{}…", &t[..i]),
+                None => t,
+            }
+        })
+        .collect();
+    if findings.len() > MAX_SHOWN {
+        parts.push(format!("and {} more", findings.len() - MAX_SHOWN));
+    }
+    parts.join("; ")
 }
 
 /// Re-applies what drifted: the ADD's rules apply (rules and route together, atomic) and/or
