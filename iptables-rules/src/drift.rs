@@ -130,6 +130,42 @@ impl Finding {
     }
 }
 
+/// `s` cut to `max` characters (an ellipsis marks the cut).
+fn cut(s: &str, max: usize) -> String {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_owned(),
+    }
+}
+
+impl Finding {
+    /// The finding with each rule line cut to `max` characters, for Events and log lines.
+    pub fn brief(&self, max: usize) -> String {
+        let c = |s: &String| cut(s, max);
+        match self {
+            Self::LineMissing { section, line } => Self::LineMissing {
+                section: section.clone(),
+                line: c(line),
+            },
+            Self::LineExtra { section, line } => Self::LineExtra {
+                section: section.clone(),
+                line: c(line),
+            },
+            Self::LineChanged {
+                section,
+                expected,
+                found,
+            } => Self::LineChanged {
+                section: section.clone(),
+                expected: c(expected),
+                found: c(found),
+            },
+            other => other.clone(),
+        }
+        .to_string()
+    }
+}
+
 fn fam(f: Family) -> &'static str {
     match f {
         Family::V4 => "ipv4",
@@ -513,5 +549,11 @@ mod tests {
             "inet istio-ambient-nat: \"x\" replaced by \"y\""
         );
         assert_eq!(DriftKind::FwmarkRule.to_string(), "fwmark_rule");
+        let long = Finding::LineChanged {
+            section: s("t"),
+            expected: "a".repeat(10),
+            found: "b".repeat(3),
+        };
+        assert_eq!(long.brief(4), "t: \"aaaa…\" replaced by \"bbb\"");
     }
 }

@@ -160,22 +160,16 @@ fn unreadable(e: String) -> Finding {
     }
 }
 
-/// Findings shown in a log line or Event, at most; each cut to [`MAX_FINDING`] characters, so
-/// a flushed table (tens of rules) still makes a readable Event.
+/// Findings shown in a log line or Event, at most, each rule line cut to [`MAX_LINE`]
+/// characters, so a flushed table (tens of rules) still makes a readable Event.
 const MAX_SHOWN: usize = 3;
-const MAX_FINDING: usize = 200;
+const MAX_LINE: usize = 120;
 
 fn describe(findings: &[Finding]) -> String {
     let mut parts: Vec<String> = findings
         .iter()
         .take(MAX_SHOWN)
-        .map(|f| {
-            let t = f.to_string();
-            match t.char_indices().nth(MAX_FINDING) {
-                Some((i, _)) => format!("{}…", &t[..i]),
-                None => t,
-            }
-        })
+        .map(|f| f.brief(MAX_LINE))
         .collect();
     if findings.len() > MAX_SHOWN {
         parts.push(format!("and {} more", findings.len() - MAX_SHOWN));
