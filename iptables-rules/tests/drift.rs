@@ -316,11 +316,21 @@ fn removed_probe_set_element_is_found_and_restored() {
     let ips2 = ips.clone();
     let check = move |ns: &Netns| {
         let ips = ips2.clone();
-        ns.run(move || compare_probe(&NftHostProbe.entries().unwrap(), "uid-1", &ips))
-            .unwrap()
+        ns.run(move || {
+            let all = compare_probe(&NftHostProbe.entries().unwrap(), "uid-1", &ips);
+            // The per-pod lookup (what the verifier uses) agrees with a dump of the whole set.
+            assert_eq!(
+                compare_probe(&NftHostProbe.lookup(&ips).unwrap(), "uid-1", &ips),
+                all
+            );
+            all
+        })
+        .unwrap()
     };
     let ips3 = ips.clone();
     ns.run(move || {
+        // No table or set yet: nothing found, no error.
+        assert_eq!(NftHostProbe.lookup(&ips3).unwrap(), vec![]);
         probe.apply(&cfg).unwrap();
         probe.upsert("uid-1", &ips3).unwrap();
     })

@@ -58,7 +58,7 @@ impl ProbeSet for NftProbeSet {
     }
 
     fn check(&self, uid: &str, ips: &[IpAddr]) -> Result<Vec<Finding>, String> {
-        let entries = self.inner.entries().map_err(|e| e.to_string())?;
+        let entries = self.inner.lookup(ips).map_err(|e| e.to_string())?;
         Ok(compare_probe(&entries, uid, ips))
     }
 
