@@ -510,8 +510,14 @@ fn running_pods_follow_namespace_and_pod_labels() {
     // Drift (issue 19): nobody touched a's rules so far, so no drift Event; flushing its nat
     // table is repaired within the 1 s interval and reported as a Warning Event on a.
     assert!(c.events(&ns, "a", "AmbientCaptureDrift").is_empty());
-    let out = a.netns.exec(&["nft", "flush", "table", "inet", "istio-ambient-nat"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = a
+        .netns
+        .exec(&["nft", "flush", "table", "inet", "istio-ambient-nat"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait("AmbientCaptureDrift event on a", &agent, || {
         !c.events(&ns, "a", "AmbientCaptureDrift").is_empty()
     });
@@ -523,7 +529,9 @@ fn running_pods_follow_namespace_and_pod_labels() {
         msg.contains("was repaired") && msg.contains("inet istio-ambient-nat"),
         "{msg}"
     );
-    let nat = a.netns.exec(&["nft", "list", "table", "inet", "istio-ambient-nat"]);
+    let nat = a
+        .netns
+        .exec(&["nft", "list", "table", "inet", "istio-ambient-nat"]);
     assert!(
         String::from_utf8_lossy(&nat.stdout).contains("jump istio-prerouting"),
         "a's rules are back"

@@ -38,7 +38,7 @@ pub async fn verify_pod(
     metrics: &VerifyMetrics,
     uid: &str,
 ) -> Option<Outcome> {
-    let _guard = enroller.try_pod_lock(uid)?;
+    let guard = enroller.try_pod_lock(uid)?;
     let held = enroller.table.get(uid)?;
     let (Some(ns), Some(path)) = (held.netns.clone(), held.netns_path.clone()) else {
         return None;
@@ -57,6 +57,8 @@ pub async fn verify_pod(
             }
         }
     };
+    // The Event write may wait on the API server: an ADD/DEL of the pod must not wait for it.
+    drop(guard);
     metrics.verified(&outcome);
     if let Outcome::Repaired { kinds, detail }
     | Outcome::RepairFailed {
