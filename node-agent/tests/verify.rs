@@ -15,6 +15,7 @@ use ambient_cni_agent::mesh::enroller::{Effects, Enroller};
 use ambient_cni_agent::mesh::hooks::StatusWriter;
 use ambient_cni_agent::mesh::host_probe::NftProbeSet;
 use ambient_cni_agent::mesh::metrics::EnrolMetrics;
+use ambient_cni_agent::mesh::netns::HostNetns;
 use ambient_cni_agent::mesh::persist::Store;
 use ambient_cni_agent::mesh::table::{Held, Phase, Table};
 use ambient_cni_agent::pods::PodId;
@@ -191,13 +192,15 @@ async fn world() -> World {
     let enroller = Arc::new(Enroller::new(
         Arc::new(Table::default()),
         Effects {
-            redirector: Arc::new(Redirector::new(make(BackendKind::Nftables).unwrap())),
+            netns: Arc::new(HostNetns::new(
+                "/proc".into(),
+                Netns::host_id(std::path::Path::new("/proc")).unwrap(),
+            )),
+            rules: Arc::new(Redirector::new(make(BackendKind::Nftables).unwrap())),
             probes,
             status: events.clone(),
-            store: Store::open(dir.0.join("pods")).unwrap(),
+            store: Arc::new(Store::open(dir.0.join("pods")).unwrap()),
         },
-        "/proc".into(),
-        Netns::host_id(std::path::Path::new("/proc")).unwrap(),
         enrol,
     ));
     let pod = pod_netns();

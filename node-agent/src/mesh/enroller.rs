@@ -188,6 +188,19 @@ impl Enroller {
         self.pod_lock(uid).try_lock_owned().ok()
     }
 
+    /// Opens the netns at `path` as an ADD would (the host's refused).
+    pub async fn open_netns(&self, path: PathBuf) -> Result<Netns, String> {
+        let finder = self.netns.clone();
+        tokio::task::spawn_blocking(move || finder.open(&path).map_err(|e| e.to_string()))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Saves a pod's netns record (after its netns changed).
+    pub fn save_record(&self, rec: &Record) -> std::io::Result<()> {
+        self.store.save(rec)
+    }
+
     /// Where "verify now" requests go (set once, by the drift verifier when it is on).
     pub fn set_verify_requests(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) {
         let _ = self.verify_requests.set(tx);

@@ -94,27 +94,20 @@ async fn netns_state(enroller: &Enroller, held: &Held, id: NsId, path: &str) -> 
     if same {
         return NetnsState::Same;
     }
-    let host = enroller.host_netns();
-    let (proc_dir, uid, ips) = (
-        enroller.host_proc().to_path_buf(),
-        held.id.uid.clone(),
-        held.ips.clone(),
-    );
-    let found = tokio::task::spawn_blocking(move || {
-        if let Ok(ns) = Netns::open(&p, Some(host)) {
-            return Some((ns, p.display().to_string()));
+    let found = match enroller.open_netns(p.clone()).await {
+        Ok(ns) => Some((ns, path.to_owned())),
+        Err(_) => {
+            let wanted = std::collections::HashMap::from([(held.id.uid.clone(), held.ips.clone())]);
+            enroller
+                .scan(wanted)
+                .await
+                .remove(&held.id.uid)
+                .and_then(|ns| {
+                    let label = ns.label().to_owned();
+                    Arc::try_unwrap(ns).ok().map(|ns| (ns, label))
+                })
         }
-        let wanted = std::collections::HashMap::from([(uid.clone(), ips)]);
-        crate::discovery::scan::scan_for_pods(&proc_dir, &wanted, host)
-            .remove(&uid)
-            .map(|ns| {
-                let label = ns.label().to_owned();
-                (ns, label)
-            })
-    })
-    .await
-    .ok()
-    .flatten();
+    };
     match found {
         // Same netns under another path (e.g. the scanned process exited, another remains).
         Some((ns, new_path)) if ns.id() == id => {
@@ -132,12 +125,12 @@ async fn netns_state(enroller: &Enroller, held: &Held, id: NsId, path: &str) -> 
 
 /// Reads back rules, route and probe-set entries; the differences from what we apply.
 async fn readback(enroller: &Enroller, held: &Held, ns: &Arc<Netns>) -> Vec<Finding> {
-    let (r, ns2, cfg) = (enroller.redirector().clone(), ns.clone(), held.cfg.clone());
+    let (r, ns2, cfg) = (enroller.rules().clone(), ns.clone(), held.cfg.clone());
     let mut findings = match tokio::task::spawn_blocking(move || r.verify(&ns2, &cfg)).await {
         Ok(Ok(f)) => f,
         // Unreadable state (e.g. a rule we cannot parse) is repaired like drift: the apply
         // replaces our tables whole.
-        Ok(Err(e)) => vec![unreadable(e.to_string())],
+        Ok(Err(e)) => vec![unreadable(e)],
         Err(e) => vec![unreadable(e.to_string())],
     };
     // The probe set entry is added once ztunnel has taken the pod.
@@ -240,7 +233,7 @@ async fn repair_netns(
         netns_inode: new.id().ino,
         container_id: held.container_id.clone(),
     };
-    if let Err(e) = enroller.store().save(&rec) {
+    if let Err(e) = enroller.save_record(&rec) {
         warn!(pod = %held.id, error = %e, "cannot record the pod's new netns");
     }
     match enroller.announce(&held.id).await {
