@@ -8,6 +8,7 @@
 pub mod backend;
 pub mod config;
 pub mod constants;
+pub mod drift;
 pub mod error;
 pub mod exec;
 pub mod generate;

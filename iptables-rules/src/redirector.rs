@@ -2,6 +2,7 @@
 
 use crate::backend::{BackendKind, Installed, RulesBackend};
 use crate::config::InpodConfig;
+use crate::drift::{compare_route, Finding};
 use crate::error::RulesError;
 use crate::netns::Netns;
 use crate::route::{self, RouteState};
@@ -67,6 +68,23 @@ impl Redirector {
             rules.and(routes)
         })?
         .map_err(|e| e.in_netns(&label))
+    }
+
+    /// Reads back the rules and the policy route in `ns` (no writes) and returns how they differ
+    /// from what `apply(cfg)` installs; empty when the capture is exactly in place.
+    pub fn verify(&self, ns: &Netns, cfg: &InpodConfig) -> Result<Vec<Finding>, RulesError> {
+        let label = ns.label().to_owned();
+        ns.run(|| {
+            let mut drift = self.backend.drift(cfg)?;
+            let st = route::state()?;
+            drift.extend(compare_route(
+                &st,
+                cfg.ipv6,
+                route::ipv6_route_wanted(cfg.ipv6),
+            ));
+            Ok(drift)
+        })?
+        .map_err(|e: RulesError| e.in_netns(&label))
     }
 
     /// Reports what is installed in `ns` and whether it is what `apply(cfg)` installs.

@@ -9,9 +9,8 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteScope, RouteType};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
-use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::{Handle, IpVersion, RouteMessageBuilder};
-use tokio_stream::StreamExt;
+use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
+use rtnetlink::{Handle, RouteMessageBuilder};
 
 use crate::constants::{INPOD_TPROXY_MARK, INPOD_TPROXY_MASK, ROUTE_TABLE, RULE_PREF};
 use crate::error::RulesError;
@@ -258,42 +257,113 @@ fn is_our_route(m: &RouteMessage) -> bool {
         && oif == Some(LO_IFINDEX)
 }
 
-/// Reports which of our rules/routes exist.
+/// Reports which of our rules/routes exist: one rule dump and one route dump (both families
+/// each), synchronously on this thread's own socket, with no runtime to build: the drift
+/// verifier asks this of every held pod each interval.
 pub fn state() -> Result<RouteState, RulesError> {
-    with_handle(|h| async move {
-        let mut st = RouteState::default();
-        for (f, ver) in [(Family::V4, IpVersion::V4), (Family::V6, IpVersion::V6)] {
-            let mut rules = h.rule().get(ver).execute();
-            while let Some(r) = rules.next().await {
-                match r {
-                    Ok(m) if is_our_rule(&m) => match f {
-                        Family::V4 => st.rule_v4 = true,
-                        Family::V6 => st.rule_v6 = true,
-                    },
-                    Ok(_) => {}
-                    Err(e) if matches!(errno(&e), Some(libc::EAFNOSUPPORT)) => break,
-                    Err(e) => return Err(nl_err(format!("dump {} rules", fam_name(f)), e)),
-                }
-            }
-            let probe = match f {
-                Family::V4 => RouteMessageBuilder::<Ipv4Addr>::new().build(),
-                Family::V6 => RouteMessageBuilder::<Ipv6Addr>::new().build(),
-            };
-            let mut routes = h.route().get(probe).execute();
-            while let Some(r) = routes.next().await {
-                match r {
-                    Ok(m) if is_our_route(&m) => match f {
-                        Family::V4 => st.route_v4 = true,
-                        Family::V6 => st.route_v6 = true,
-                    },
-                    Ok(_) => {}
-                    Err(e) if matches!(errno(&e), Some(libc::EAFNOSUPPORT)) => break,
-                    Err(e) => return Err(nl_err(format!("dump {} routes", fam_name(f)), e)),
+    let sock = RouteDump::open()?;
+    let mut st = RouteState::default();
+    let mut rule = RuleMessage::default();
+    rule.header.family = AddressFamily::Unspec;
+    for m in sock.dump(1, RouteNetlinkMessage::GetRule(rule), "dump rules")? {
+        if let RouteNetlinkMessage::NewRule(r) = m {
+            if is_our_rule(&r) {
+                match r.header.family {
+                    AddressFamily::Inet => st.rule_v4 = true,
+                    AddressFamily::Inet6 => st.rule_v6 = true,
+                    _ => {}
                 }
             }
         }
-        Ok(st)
-    })
+    }
+    let mut route = RouteMessage::default();
+    route.header.address_family = AddressFamily::Unspec;
+    for m in sock.dump(2, RouteNetlinkMessage::GetRoute(route), "dump routes")? {
+        if let RouteNetlinkMessage::NewRoute(r) = m {
+            if is_our_route(&r) {
+                match r.header.address_family {
+                    AddressFamily::Inet => st.route_v4 = true,
+                    AddressFamily::Inet6 => st.route_v6 = true,
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(st)
+}
+
+/// A NETLINK_ROUTE socket in the calling thread's netns, for blocking dumps.
+struct RouteDump {
+    sock: rtnetlink::sys::Socket,
+}
+
+impl RouteDump {
+    fn open() -> Result<Self, RulesError> {
+        let sock = rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)
+            .map_err(|e| nl_err("open socket", e))?;
+        let fd = std::os::fd::AsFd::as_fd(&sock);
+        let tv = nix::sys::time::TimeVal::new(NETLINK_TIMEOUT.as_secs() as i64, 0);
+        nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
+            .map_err(|e| nl_err("setsockopt(SO_RCVTIMEO)", e))?;
+        Ok(Self { sock })
+    }
+
+    /// Sends one dump request and collects its replies up to `NLMSG_DONE`; a family the kernel
+    /// does not support (IPv6 off) is an empty answer.
+    fn dump(
+        &self,
+        seq: u32,
+        req: RouteNetlinkMessage,
+        what: &str,
+    ) -> Result<Vec<RouteNetlinkMessage>, RulesError> {
+        use rtnetlink::packet_core::{
+            NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_DUMP, NLM_F_REQUEST,
+        };
+        let mut header = NetlinkHeader::default();
+        header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+        header.sequence_number = seq;
+        let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(req));
+        msg.finalize();
+        let mut out_buf = vec![0u8; msg.buffer_len()];
+        msg.serialize(&mut out_buf);
+        self.sock
+            .send(&out_buf, 0)
+            .map_err(|e| nl_err(format!("{what}: send"), e))?;
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut out = Vec::new();
+        loop {
+            let n = self
+                .sock
+                .recv(&mut &mut buf[..], 0)
+                .map_err(|e| nl_err(format!("{what}: recv"), e))?;
+            let mut off = 0;
+            while off < n {
+                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..n])
+                    .map_err(|e| nl_err(what, e))?;
+                let len = m.header.length as usize;
+                if len == 0 {
+                    break;
+                }
+                off += (len + 3) & !3;
+                if m.header.sequence_number != seq {
+                    continue;
+                }
+                match m.payload {
+                    NetlinkPayload::Done(_) => return Ok(out),
+                    NetlinkPayload::Error(e) => {
+                        return match e.code.map(|c| -c.get()) {
+                            None | Some(libc::EAFNOSUPPORT) => Ok(out),
+                            Some(errno) => {
+                                Err(nl_err(what, std::io::Error::from_raw_os_error(errno)))
+                            }
+                        };
+                    }
+                    NetlinkPayload::InnerMessage(i) => out.push(i),
+                    _ => {}
+                }
+            }
+        }
+    }
 }
 
 /// `ip`-style text of what [`install`] adds, for reports.

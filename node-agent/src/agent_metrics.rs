@@ -9,6 +9,7 @@ use crate::obs::fallbacks::FallbackMetrics;
 use crate::obs::installer::InstallMetrics;
 use crate::obs::metrics::{Metrics, Registry};
 use crate::plugin_server::metrics::PluginMetrics;
+use crate::verify::metrics::VerifyMetrics;
 
 /// The agent's metrics, by owner, and the exposition that serves them all.
 #[derive(Debug)]
@@ -25,6 +26,8 @@ pub struct AgentMetrics {
     pub install: Arc<InstallMetrics>,
     /// The plugin's fallback counter.
     pub fallbacks: Arc<FallbackMetrics>,
+    /// The drift verifier's.
+    pub verify: Arc<VerifyMetrics>,
 }
 
 impl AgentMetrics {
@@ -36,6 +39,7 @@ impl AgentMetrics {
         let reconcile = Arc::new(ReconcileMetrics::new(&mut r));
         let install = Arc::new(InstallMetrics::new(&mut r));
         let fallbacks = Arc::new(FallbackMetrics::new(&mut r));
+        let verify = Arc::new(VerifyMetrics::new(&mut r));
         Self {
             exposition: Arc::new(Metrics::new(r)),
             plugin,
@@ -43,6 +47,7 @@ impl AgentMetrics {
             reconcile,
             install,
             fallbacks,
+            verify,
         }
     }
 }
@@ -91,6 +96,9 @@ mod tests {
             ("istio_cni_installs", "counter"),
             ("istio_cni_install_ready", "gauge"),
             ("ambient_cni_plugin_fallback", "counter"),
+            ("ambient_cni_drift_repairs", "counter"),
+            ("ambient_cni_verifications", "counter"),
+            ("ambient_cni_verify_pass_seconds", "histogram"),
         ];
         let got: Vec<(&str, &str)> = e
             .families
@@ -131,6 +139,7 @@ mod tests {
         m.install.sync_installs("SUCCESS", 2);
         m.install.set_ready(true);
         m.fallbacks.add(2, 1);
+        m.verify.repaired(iptables_rules::drift::DriftKind::Rules);
         let e = scrape(&m);
         let v = |n: &str, l: &[(&str, &str)]| e.value(n, l).unwrap_or_else(|| panic!("{n} {l:?}"));
         assert_eq!(
@@ -248,6 +257,18 @@ mod tests {
                 &[("outcome", "pass_through")]
             ),
             2.0
+        );
+        assert_eq!(
+            v("ambient_cni_drift_repairs_total", &[("kind", "rules")]),
+            1.0
+        );
+        assert_eq!(
+            v("ambient_cni_drift_repairs_total", &[("kind", "probe_set")]),
+            0.0
+        );
+        assert_eq!(
+            v("ambient_cni_verifications_total", &[("result", "clean")]),
+            0.0
         );
     }
 }

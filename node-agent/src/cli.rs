@@ -115,6 +115,11 @@ pub struct RunArgs {
     #[arg(long, env = "DECISIONS_REFRESH_SECONDS", default_value_t = 30,
           value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub decisions_refresh_seconds: u64,
+    /// Seconds over which the drift verifier checks every held pod's capture once (netns,
+    /// in-pod rules, policy route, probe set) and repairs drift; 0 turns it off.
+    #[arg(long, env = "VERIFY_INTERVAL", default_value_t = 30,
+          value_parser = clap::value_parser!(u64).range(0..=86400))]
+    pub verify_interval: u64,
     /// The ZDS socket ztunnel connects to.
     #[arg(
         long,

@@ -18,6 +18,7 @@ pub mod privileges;
 pub mod run;
 pub mod stop_mode;
 pub mod uds;
+pub mod verify;
 
 #[cfg(test)]
 mod test_support;

@@ -203,6 +203,15 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         ..Default::default()
     };
     let control = tokio::spawn(async move { ctl.start(zds_path, zds_cfg).await });
+    // The drift verifier starts once state is rebuilt (its pods are all held by then).
+    let (ctl, verify_metrics) = (controller.clone(), all_metrics.verify.clone());
+    let verify_interval = std::time::Duration::from_secs(args.verify_interval);
+    tokio::spawn(async move {
+        while !ctl.is_ready() {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        crate::verify::verifier::spawn(ctl.enroller().clone(), verify_metrics, verify_interval);
+    });
 
     // Then the CNI config (Istio's order): the kubelet only chains us once we can answer.
     let install_ready = Arc::new(std::sync::atomic::AtomicBool::new(!args.install_cni));

@@ -159,6 +159,8 @@ impl InstallingAgent {
             .arg("--plugin-binary")
             .arg(&d.plugin)
             .args(["--rules-backend", &d.backend])
+            // The drift verifier at its fastest: it must never fight ADD/DEL (issue 19).
+            .args(["--verify-interval", "1"])
             .args([
                 "--health-addr",
                 "127.0.0.1:0",

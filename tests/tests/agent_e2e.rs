@@ -33,7 +33,11 @@ impl Mesh {
             json!({"istio.io/dataplane-mode": "ambient"}),
         );
         write_namespace(&dir.join("pods"), "plain", json!({}));
-        let agent = AgentProcess::start(&dir.0, &["--rules-backend", backend]);
+        // The drift verifier off: a test here breaks a pod's rules on purpose and reads them back.
+        let agent = AgentProcess::start(
+            &dir.0,
+            &["--rules-backend", backend, "--verify-interval", "0"],
+        );
         let standin = Standin::start(
             &dir.join("ztunnel.sock"),
             &dir.join("standin.jsonl"),

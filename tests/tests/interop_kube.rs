@@ -410,7 +410,13 @@ fn running_pods_follow_namespace_and_pod_labels() {
     };
 
     let dir = TempDir::new("acni-ik");
-    let agent = AgentProcess::start_kube(&dir.0, &kc, &node, &["--rules-backend", "nftables"]);
+    // The drift verifier at 1 s: it must never get in the way, and reports drift as an Event.
+    let agent = AgentProcess::start_kube(
+        &dir.0,
+        &kc,
+        &node,
+        &["--rules-backend", "nftables", "--verify-interval", "1"],
+    );
     let z = Standin::start(&dir.join("ztunnel.sock"), &dir.join("standin.jsonl"), &[]);
     assert!(
         z.wait_count("snapshot_sent", 1, LONG),
@@ -500,6 +506,40 @@ fn running_pods_follow_namespace_and_pod_labels() {
     });
     assert!(added(&z2, &a.uid).is_some());
     assert!(added(&z2, &b.uid).is_none() && added(&z2, &far.uid).is_none());
+
+    // Drift (issue 19): nobody touched a's rules so far, so no drift Event; flushing its nat
+    // table is repaired within the 1 s interval and reported as a Warning Event on a.
+    assert!(c.events(&ns, "a", "AmbientCaptureDrift").is_empty());
+    let out = a
+        .netns
+        .exec(&["nft", "flush", "table", "inet", "istio-ambient-nat"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait("AmbientCaptureDrift event on a", &agent, || {
+        !c.events(&ns, "a", "AmbientCaptureDrift").is_empty()
+    });
+    let ev = &c.events(&ns, "a", "AmbientCaptureDrift")[0];
+    assert_eq!(ev.type_.as_deref(), Some("Warning"));
+    assert_eq!(ev.involved_object.uid.as_deref(), Some(a.uid.as_str()));
+    let msg = ev.message.clone().unwrap_or_default();
+    assert!(
+        msg.contains("was repaired") && msg.contains("inet istio-ambient-nat"),
+        "{msg}"
+    );
+    let nat = a
+        .netns
+        .exec(&["nft", "list", "table", "inet", "istio-ambient-nat"]);
+    assert!(
+        String::from_utf8_lossy(&nat.stdout).contains("jump istio-prerouting"),
+        "a's rules are back"
+    );
+    assert!(
+        c.events(&ns, "b", "AmbientCaptureDrift").is_empty(),
+        "no Event for a pod that did not drift"
+    );
     drop(agent);
 }
 

@@ -59,6 +59,18 @@ impl World {
         mesh_pods: &[String],
         services: &[Value],
     ) -> Self {
+        Self::with_agent_flags(bin, backend, subnet, mesh_pods, services, &[])
+    }
+
+    /// [`World::with_services`] with `extra` agent flags.
+    fn with_agent_flags(
+        bin: PathBuf,
+        backend: &'static str,
+        subnet: u8,
+        mesh_pods: &[String],
+        services: &[Value],
+        extra: &[&'static str],
+    ) -> Self {
         let dir = TempDir::new("acni-zt");
         let pods = dir.join("pods");
         write_namespace(&pods, MESH, json!({"istio.io/dataplane-mode": "ambient"}));
@@ -70,7 +82,9 @@ impl World {
         let mut xds: Value = serde_json::from_str(&xds_yaml(&wl)).expect("xds is JSON");
         xds["services"] = Value::Array(services.to_vec());
         std::fs::write(dir.join("xds.yaml"), xds.to_string()).expect("xds file");
-        let agent = AgentProcess::start(&dir.0, &agent_flags(backend));
+        let mut flags = agent_flags(backend);
+        flags.extend(extra);
+        let agent = AgentProcess::start(&dir.0, &flags);
         let mut me = Self {
             dir,
             bin,
@@ -903,4 +917,159 @@ fn stock_ztunnel_answers_captured_dns_iptables() {
 #[test]
 fn stock_ztunnel_answers_captured_dns_nftables() {
     dns_captured_and_answered("nftables", 68);
+}
+
+// ---- Issue 19: drift repair keeps the capture true; traffic goes through ztunnel again ----
+
+/// Repairs the agent has logged so far (`in-pod capture drifted ... repaired`).
+fn drift_repairs(w: &World) -> usize {
+    let log = w.agent.as_ref().map(|a| a.log_text()).unwrap_or_default();
+    log.lines()
+        .filter(|l| l.contains("in-pod capture drifted") && l.contains("repaired"))
+        .count()
+}
+
+/// Tampers with `cmd` in the pod, then waits for the verifier (1 s interval) to repair it:
+/// within one interval plus the repair itself.
+fn tamper_and_wait(w: &World, pod: &Pod, what: &str, cmd: &[&str]) {
+    let before = drift_repairs(w);
+    let out = pod.netns.exec(cmd);
+    assert!(
+        out.status.success(),
+        "{what}: {cmd:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let t0 = std::time::Instant::now();
+    w.wait(&format!("{what} repaired"), || drift_repairs(w) > before);
+    let took = t0.elapsed();
+    eprintln!("{what}: repaired after {took:?}");
+    assert!(
+        took < Duration::from_secs(3),
+        "{what}: repaired after {took:?}, not within one 1 s interval\n{}",
+        w.diag()
+    );
+}
+
+/// The handle of the first rule of an nft chain in `ns`.
+fn first_nft_handle(ns: &NamedNetns, table: &str, chain: &str) -> String {
+    let out = ns.exec(&["nft", "-a", "list", "chain", "inet", table, chain]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.contains("chain ") && !l.contains("type "))
+        .find_map(|l| l.split("# handle ").nth(1))
+        .map(|h| h.trim().to_owned())
+        .expect("a rule with a handle")
+}
+
+fn drift_repaired(backend: &'static str, subnet: u8) {
+    let test = format!("stock_ztunnel_drift_repaired_{backend}");
+    let Some(bin) = ztunnel_bin(&test) else {
+        return;
+    };
+    let w = World::with_agent_flags(
+        bin,
+        backend,
+        subnet,
+        &["web".into()],
+        &[],
+        &["--verify-interval", "1"],
+    );
+    let web = w.add_pod(MESH, "web");
+    let client = w.add_pod(PLAIN, "client");
+    w.wait("ztunnel listens in web", || has_zt_ports(&web.netns));
+    assert_inbound(&w, 0, &client, &web, 8080);
+    // A clean pod is verified (several passes) and never "repaired".
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(drift_repairs(&w), 0, "{}", w.diag());
+
+    if backend == "nftables" {
+        let nat = "istio-ambient-nat";
+        tamper_and_wait(
+            &w,
+            &web,
+            "flushed nat table",
+            &["nft", "flush", "table", "inet", nat],
+        );
+        assert_inbound(&w, 0, &client, &web, 8081);
+        let h = first_nft_handle(&web.netns, nat, "istio-output");
+        tamper_and_wait(
+            &w,
+            &web,
+            "rule replaced by another",
+            &[
+                "nft",
+                "replace",
+                "rule",
+                "inet",
+                nat,
+                "istio-output",
+                "handle",
+                &h,
+                "tcp",
+                "dport",
+                "9",
+                "accept",
+            ],
+        );
+    } else {
+        let bin = iptables_rules::backend::iptables::Iptables::detect()
+            .expect("iptables detected as the agent does")
+            .tools(iptables_rules::model::Family::V4)
+            .expect("iptables tools")
+            .bin
+            .clone();
+        tamper_and_wait(&w, &web, "flushed nat chains", &[&bin, "-t", "nat", "-F"]);
+        assert_inbound(&w, 0, &client, &web, 8081);
+        tamper_and_wait(
+            &w,
+            &web,
+            "rule replaced by another",
+            &[&bin, "-t", "nat", "-R", "ISTIO_OUTPUT", "1", "-j", "ACCEPT"],
+        );
+    }
+    tamper_and_wait(
+        &w,
+        &web,
+        "policy route deleted",
+        &[
+            "ip",
+            "route",
+            "del",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            "100",
+        ],
+    );
+    tamper_and_wait(
+        &w,
+        &web,
+        "fwmark rule deleted",
+        &[
+            "ip",
+            "rule",
+            "del",
+            "fwmark",
+            "0x111/0xfff",
+            "pref",
+            "32764",
+            "lookup",
+            "100",
+        ],
+    );
+    // After every repair: TCP goes through ztunnel's inbound again (its access log).
+    assert_inbound(&w, 0, &client, &web, 8082);
+    assert!(w.rules(&web.netns) > 0);
+}
+
+#[test]
+fn stock_ztunnel_drift_repaired_nftables() {
+    drift_repaired("nftables", 69);
+}
+
+#[test]
+fn stock_ztunnel_drift_repaired_iptables() {
+    drift_repaired("iptables", 70);
 }

@@ -9,6 +9,7 @@
 
 use crate::backend::{BackendKind, Installed, InstalledSection, RulesBackend};
 use crate::config::InpodConfig;
+use crate::drift::{compare_sections, Finding};
 use crate::error::RulesError;
 use crate::exec;
 use crate::generate::inpod_ruleset;
@@ -402,28 +403,42 @@ impl RulesBackend for Iptables {
         let rs = inpod_ruleset(cfg);
         let mut sections = Vec::new();
         let mut matches_expected = true;
+        let mut drift = Vec::new();
+        let named = |family: Family, tables: TableLines| -> Vec<InstalledSection> {
+            tables
+                .into_iter()
+                .map(|(table, lines)| InstalledSection {
+                    name: format!("{} {table}", family_name(family)),
+                    lines,
+                })
+                .collect()
+        };
         for family in [Family::V4, Family::V6] {
+            let expected = render::iptables_save_expected(&rs, family);
             if self.tools(family).is_none() {
                 if rs.has_family(family) {
                     matches_expected = false;
+                    drift.extend(named(family, expected).into_iter().map(|s| {
+                        Finding::SectionMissing {
+                            section: format!("{} (no ip6tables tools)", s.name),
+                        }
+                    }));
                 }
                 continue;
             }
             let now = self.current(family)?;
-            if now != render::iptables_save_expected(&rs, family) {
+            if now != expected {
                 matches_expected = false;
             }
-            for (table, lines) in now {
-                sections.push(InstalledSection {
-                    name: format!("{} {table}", family_name(family)),
-                    lines,
-                });
-            }
+            let now = named(family, now);
+            drift.extend(compare_sections(&named(family, expected), &now));
+            sections.extend(now);
         }
         Ok(Installed {
             backend: BackendKind::Iptables,
             sections,
             matches_expected,
+            drift,
         })
     }
 }

@@ -7,6 +7,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use crate::config::InpodConfig;
+use crate::drift::Finding;
 use crate::error::RulesError;
 
 pub mod iptables;
@@ -71,6 +72,8 @@ pub struct Installed {
     pub sections: Vec<InstalledSection>,
     /// True if exactly the ruleset for the given config is installed.
     pub matches_expected: bool,
+    /// How our state differs from the ruleset for the given config (empty when it matches).
+    pub drift: Vec<Finding>,
 }
 
 impl Installed {
@@ -91,6 +94,12 @@ pub trait RulesBackend: Send + Sync {
     fn remove(&self, cfg: &InpodConfig) -> Result<(), RulesError>;
     /// Reports our installed state and whether it equals the ruleset for `cfg`.
     fn installed(&self, cfg: &InpodConfig) -> Result<Installed, RulesError>;
+    /// How our installed state differs from the ruleset for `cfg` (empty: exactly in place).
+    /// Read-only; what the drift verifier calls for every held pod, so backends may skip
+    /// building [`Installed::sections`] when nothing differs.
+    fn drift(&self, cfg: &InpodConfig) -> Result<Vec<Finding>, RulesError> {
+        Ok(self.installed(cfg)?.drift)
+    }
 }
 
 /// Builds a backend of `kind` (iptables: detects the flavour now, in the caller's netns).

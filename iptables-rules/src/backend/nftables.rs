@@ -9,6 +9,7 @@
 
 use crate::backend::{BackendKind, Installed, InstalledSection, RulesBackend};
 use crate::config::InpodConfig;
+use crate::drift::{compare_sections, Finding};
 use crate::error::RulesError;
 use crate::generate::inpod_ruleset;
 use crate::model::{Ruleset, Table};
@@ -86,33 +87,60 @@ impl NftablesBackend {
     }
 }
 
+/// Two dumps for the whole `inet` family (chains, then rules) rather than three per table: the
+/// drift verifier reads every held pod this way each interval. A table of ours without chains
+/// (hooks nothing) is not reported.
 fn read_tables(sock: &mut NftSocket) -> Result<Vec<NftTable>, NftError> {
-    let present = sock.list_tables(NFPROTO_INET)?;
+    let chains = sock.list_family_chains(NFPROTO_INET)?;
+    let rules = sock.list_family_rules(NFPROTO_INET)?;
     let mut out = Vec::new();
     for name in our_tables() {
-        if !present.iter().any(|p| p == name) {
-            continue;
-        }
-        let mut chains: Vec<NftChain> = sock
-            .list_chains(NFPROTO_INET, name)?
-            .into_iter()
+        let mut table: Vec<NftChain> = chains
+            .iter()
+            .filter(|c| c.table == name)
             .map(|c| NftChain {
-                name: c.name,
+                name: c.name.clone(),
                 base: c.base,
                 rules: Vec::new(),
             })
             .collect();
-        for r in sock.list_rules(NFPROTO_INET, name)? {
-            if let Some(c) = chains.iter_mut().find(|c| c.name == r.chain) {
-                c.rules.push(r.exprs);
+        if table.is_empty() {
+            continue;
+        }
+        for r in rules.iter().filter(|r| r.table == name) {
+            if let Some(c) = table.iter_mut().find(|c| c.name == r.chain) {
+                c.rules.push(r.exprs.clone());
             }
         }
         out.push(NftTable {
             name: name.to_owned(),
-            chains,
+            chains: table,
         });
     }
     Ok(out)
+}
+
+/// The differences of `actual` from `expected` (which differ), as text findings.
+fn diff(expected: &[NftTable], actual: &[NftTable]) -> Vec<Finding> {
+    let mut drift = compare_sections(&sections_of(expected), &sections_of(actual));
+    if drift.is_empty() {
+        // The text lines print every field; this only guards against a future blind spot.
+        drift.push(Finding::SectionExtra {
+            section: "inet (differs from the expected tables)".into(),
+        });
+    }
+    drift
+}
+
+/// Each table as a section named `inet <table>` with its [`table_lines`].
+fn sections_of(tables: &[NftTable]) -> Vec<InstalledSection> {
+    tables
+        .iter()
+        .map(|t| InstalledSection {
+            name: format!("inet {}", t.name),
+            lines: table_lines(t),
+        })
+        .collect()
 }
 
 /// Text lines of one table: chain headers and rules (normalized: no handles or counter values).
@@ -152,20 +180,31 @@ impl RulesBackend for NftablesBackend {
             .map_err(nft_err)
     }
 
+    fn drift(&self, cfg: &InpodConfig) -> Result<Vec<Finding>, RulesError> {
+        let expected = lower::lower(&inpod_ruleset(cfg))?;
+        let actual = self.read_tables()?;
+        // Text lines only for a report: the common, clean case compares structures.
+        if actual == expected {
+            return Ok(Vec::new());
+        }
+        Ok(diff(&expected, &actual))
+    }
+
     fn installed(&self, cfg: &InpodConfig) -> Result<Installed, RulesError> {
         let expected = lower::lower(&inpod_ruleset(cfg))?;
         let actual = self.read_tables()?;
-        let sections = actual
-            .iter()
-            .map(|t| InstalledSection {
-                name: format!("inet {}", t.name),
-                lines: table_lines(t),
-            })
-            .collect();
+        let sections = sections_of(&actual);
+        let matches_expected = actual == expected;
+        let drift = if matches_expected {
+            Vec::new()
+        } else {
+            diff(&expected, &actual)
+        };
         Ok(Installed {
             backend: BackendKind::Nftables,
             sections,
-            matches_expected: actual == expected,
+            matches_expected,
+            drift,
         })
     }
 }

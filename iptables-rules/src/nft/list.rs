@@ -78,6 +78,24 @@ impl NftSocket {
         Ok(out)
     }
 
+    /// Chains of every table of one family, in one dump (the kernel's order).
+    pub fn list_family_chains(&mut self, family: u8) -> Result<Vec<ChainInfo>, NftError> {
+        let what = format!("list chains of family {}", super::batch::fam(family));
+        let msgs = self.dump(NFT_MSG_GETCHAIN, family, &[], &what)?;
+        msgs.iter()
+            .map(|m| parse_chain(m).ok_or_else(|| NftError::Protocol { what: what.clone() }))
+            .collect()
+    }
+
+    /// Rules of every table of one family, in one dump (chain by chain, the kernel's order).
+    pub fn list_family_rules(&mut self, family: u8) -> Result<Vec<RuleInfo>, NftError> {
+        let what = format!("list rules of family {}", super::batch::fam(family));
+        let msgs = self.dump(NFT_MSG_GETRULE, family, &[], &what)?;
+        msgs.iter()
+            .map(|m| parse_rule(m).ok_or_else(|| NftError::Protocol { what: what.clone() }))
+            .collect()
+    }
+
     /// Elements of one set (key bytes and comment).
     pub fn list_elements(
         &mut self,
@@ -100,29 +118,76 @@ impl NftSocket {
         )?;
         let mut out = Vec::new();
         for m in &msgs {
-            for list in Attrs(m).filter(|a| a.ty == NFTA_SET_ELEM_LIST_ELEMENTS) {
-                for el in list.nested().filter(|a| a.ty == NFTA_LIST_ELEM) {
-                    let mut key = None;
-                    let mut comment = None;
-                    for a in el.nested() {
-                        match a.ty {
-                            NFTA_SET_ELEM_KEY => {
-                                key = a
-                                    .nested()
-                                    .find(|x| x.ty == NFTA_DATA_VALUE)
-                                    .map(|x| x.payload.to_vec())
-                            }
-                            NFTA_SET_ELEM_USERDATA => comment = elem_comment_from_udata(a.payload),
-                            _ => {}
-                        }
-                    }
-                    let key = key.ok_or_else(|| NftError::Protocol { what: what.clone() })?;
-                    out.push(SetElem { key, comment });
-                }
-            }
+            out.extend(parse_elements(m, &what)?);
         }
         Ok(out)
     }
+
+    /// One element of a set by key (a GET of that key, not a dump of the set); `None` if absent.
+    pub fn get_element(
+        &mut self,
+        family: u8,
+        table: &str,
+        set: &str,
+        key: &[u8],
+    ) -> Result<Option<SetElem>, NftError> {
+        let what = format!(
+            "get element of set {} {table} {set}",
+            super::batch::fam(family)
+        );
+        let reply = self.get(
+            NFT_MSG_GETSETELEM,
+            family,
+            |w| {
+                w.attr_str(NFTA_SET_ELEM_LIST_TABLE, table);
+                w.attr_str(NFTA_SET_ELEM_LIST_SET, set);
+                let list = w.begin_nest(NFTA_SET_ELEM_LIST_ELEMENTS);
+                let el = w.begin_nest(NFTA_LIST_ELEM);
+                let k = w.begin_nest(NFTA_SET_ELEM_KEY);
+                w.attr(NFTA_DATA_VALUE, key);
+                w.end_nest(k);
+                w.end_nest(el);
+                w.end_nest(list);
+            },
+            &what,
+        );
+        let msgs = match reply {
+            Ok(m) => m,
+            Err(e) if e.errno() == Some(libc::ENOENT) => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let mut found = Vec::new();
+        for m in &msgs {
+            found.extend(parse_elements(m, &what)?);
+        }
+        Ok(found.into_iter().find(|e| e.key == key))
+    }
+}
+
+/// The elements in one `NEWSETELEM` message (key bytes and comment).
+fn parse_elements(m: &[u8], what: &str) -> Result<Vec<SetElem>, NftError> {
+    let mut out = Vec::new();
+    for list in Attrs(m).filter(|a| a.ty == NFTA_SET_ELEM_LIST_ELEMENTS) {
+        for el in list.nested().filter(|a| a.ty == NFTA_LIST_ELEM) {
+            let mut key = None;
+            let mut comment = None;
+            for a in el.nested() {
+                match a.ty {
+                    NFTA_SET_ELEM_KEY => {
+                        key = a
+                            .nested()
+                            .find(|x| x.ty == NFTA_DATA_VALUE)
+                            .map(|x| x.payload.to_vec())
+                    }
+                    NFTA_SET_ELEM_USERDATA => comment = elem_comment_from_udata(a.payload),
+                    _ => {}
+                }
+            }
+            let key = key.ok_or_else(|| NftError::Protocol { what: what.into() })?;
+            out.push(SetElem { key, comment });
+        }
+    }
+    Ok(out)
 }
 
 fn str_attr(attrs: &[Attr<'_>], ty: u16) -> Option<String> {

@@ -296,6 +296,57 @@ impl NftSocket {
         })
     }
 
+    /// Sends one non-dump `NFT_MSG_GET*` request (`build` writes its attributes) and returns the
+    /// attribute bytes of the reply messages up to the kernel's ACK; a kernel error is
+    /// [`NftError::Request`] (e.g. `ENOENT` for an absent object).
+    pub(crate) fn get(
+        &mut self,
+        msg_type: u16,
+        family: u8,
+        build: impl FnOnce(&mut Writer),
+        what: &str,
+    ) -> Result<Vec<Vec<u8>>, NftError> {
+        let mut w = Writer::default();
+        let seq = self.next_seq(1);
+        let m = w.begin_msg(
+            (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
+            NLM_F_REQUEST | NLM_F_ACK,
+            seq,
+            family,
+            0,
+        );
+        build(&mut w);
+        w.end_msg(m);
+        self.sock()
+            .send(w.bytes(), 0)
+            .map_err(|source| NftError::Socket { op: "send", source })?;
+        let mut out = Vec::new();
+        loop {
+            let len = self.recv(what)?;
+            for m in Msgs(&self.buf[..len]) {
+                if m.seq != seq {
+                    continue;
+                }
+                match m.ty {
+                    NLMSG_ERROR => {
+                        let (errno, detail) = parse_error(&m)
+                            .ok_or_else(|| NftError::Protocol { what: what.into() })?;
+                        if errno == 0 {
+                            return Ok(out);
+                        }
+                        return Err(NftError::Request {
+                            what: what.into(),
+                            source: std::io::Error::from_raw_os_error(errno),
+                            detail,
+                        });
+                    }
+                    NLMSG_DONE => return Ok(out),
+                    _ => out.push(m.body.get(4..).unwrap_or(&[]).to_vec()),
+                }
+            }
+        }
+    }
+
     fn recv(&mut self, what: &str) -> Result<usize, NftError> {
         let sock = self
             .sock

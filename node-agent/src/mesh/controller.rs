@@ -562,6 +562,10 @@ impl PodHandler for Controller {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(Status::unavailable)?;
+        if !report.complete {
+            // A failed CHECK is a drift signal: verify (and repair) this pod now.
+            self.enroller.request_verify(&h.id.uid);
+        }
         Ok(if report.complete && h.phase == Phase::Enabled {
             ok("captured")
         } else {

@@ -2,6 +2,8 @@
 //! fail and what to do about it (the checks people otherwise do by hand with
 //! nsenter, iptables-save and kubectl).
 
+use std::time::SystemTime;
+
 use ambient_cni_api::admin::Check;
 
 use super::controller::Controller;
@@ -36,6 +38,33 @@ fn fix_for(skip: Skip, ns: &str, pod: &str) -> String {
         }
         Skip::Terminal => "the pod has finished; nothing to capture".into(),
         Skip::Ztunnel => "mesh infrastructure is never captured".into(),
+    }
+}
+
+/// The drift verifier's last result for the pod (informational when there is none yet).
+fn last_verification(ctl: &Controller, uid: &str) -> Check {
+    let Some(v) = ctl.enroller().table.verified(uid) else {
+        return check(
+            "last verification",
+            "info",
+            "not verified yet (the verifier checks each held pod once per VERIFY_INTERVAL; 0 turns it off)",
+            "",
+        );
+    };
+    let ago = SystemTime::now()
+        .duration_since(v.at)
+        .map_or(0, |d| d.as_secs());
+    let at = format!("{ago}s ago: {}", v.outcome);
+    if v.outcome.in_place() {
+        check("last verification", "pass", at, "")
+    } else {
+        check(
+            "last verification",
+            "fail",
+            at,
+            "the verifier retries every VERIFY_INTERVAL; see the agent's logs and the pod's \
+             AmbientCaptureDrift Events for what keeps changing its rules",
+        )
     }
 }
 
@@ -195,6 +224,7 @@ pub async fn doctor(ctl: &Controller, ns: &str, name: &str) -> (Vec<Check>, bool
             healthy = false;
         }
     }
+    out.push(last_verification(ctl, &h.id.uid));
     let conns = ctl.enroller().ztunnels();
     out.push(if conns > 0 {
         check(

@@ -110,6 +110,7 @@ pub struct Enroller {
     zds_timeout: Duration,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     metrics: Arc<EnrolMetrics>,
+    verify_requests: std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<String>>,
 }
 
 /// The effects an enroller drives (ztunnel comes later: [`Enroller::set_ztunnel`]).
@@ -140,6 +141,7 @@ impl Enroller {
             zds_timeout: Duration::from_secs(4),
             locks: Mutex::new(HashMap::new()),
             metrics,
+            verify_requests: std::sync::OnceLock::new(),
         }
     }
 
@@ -169,6 +171,46 @@ impl Enroller {
     /// The in-pod rules (CHECK, status and doctor read them).
     pub fn rules(&self) -> &Arc<dyn PodRules> {
         &self.rules
+    }
+
+    /// The host probe set.
+    pub fn probes(&self) -> &Arc<dyn ProbeSet> {
+        &self.probes
+    }
+
+    /// The pod status writer (annotation, Events).
+    pub fn status(&self) -> &Arc<dyn StatusWriter> {
+        &self.status
+    }
+
+    /// The pod's lock if no ADD/DEL holds it: the drift verifier yields to them.
+    pub fn try_pod_lock(&self, uid: &str) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.pod_lock(uid).try_lock_owned().ok()
+    }
+
+    /// Opens the netns at `path` as an ADD would (the host's refused).
+    pub async fn open_netns(&self, path: PathBuf) -> Result<Netns, String> {
+        let finder = self.netns.clone();
+        tokio::task::spawn_blocking(move || finder.open(&path).map_err(|e| e.to_string()))
+            .await
+            .map_err(|e| e.to_string())?
+    }
+
+    /// Saves a pod's netns record (after its netns changed).
+    pub fn save_record(&self, rec: &Record) -> std::io::Result<()> {
+        self.store.save(rec)
+    }
+
+    /// Where "verify now" requests go (set once, by the drift verifier when it is on).
+    pub fn set_verify_requests(&self, tx: tokio::sync::mpsc::UnboundedSender<String>) {
+        let _ = self.verify_requests.set(tx);
+    }
+
+    /// Asks the drift verifier to check pod `uid` at once (no-op when it is off).
+    pub fn request_verify(&self, uid: &str) {
+        if let Some(tx) = self.verify_requests.get() {
+            let _ = tx.send(uid.to_owned());
+        }
     }
 
     fn pod_lock(&self, uid: &str) -> Arc<tokio::sync::Mutex<()>> {

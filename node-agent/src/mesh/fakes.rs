@@ -132,6 +132,7 @@ impl PodRules for FakeRules {
                 backend: BackendKind::Nftables,
                 sections: Vec::new(),
                 matches_expected: true,
+                drift: Vec::new(),
             },
             route: RouteState::default(),
             complete: true,

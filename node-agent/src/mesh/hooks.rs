@@ -4,6 +4,8 @@
 
 use std::net::IpAddr;
 
+use iptables_rules::drift::Finding;
+
 use crate::pods::PodId;
 
 /// The host-netns set of pod IPs whose kubelet probes are SNATed (Istio's `cni/pkg/iptables` host rules).
@@ -15,6 +17,10 @@ pub trait ProbeSet: Send + Sync {
     /// After a restart: exactly these pods' entries remain.
     fn resync(&self, held: &[(String, Vec<IpAddr>)]) -> Result<(), String> {
         held.iter().try_for_each(|(uid, ips)| self.upsert(uid, ips))
+    }
+    /// The drift verifier's readback: which of pod `uid`'s IPs are not in the set as its own.
+    fn check(&self, _uid: &str, _ips: &[IpAddr]) -> Result<Vec<Finding>, String> {
+        Ok(Vec::new())
     }
     /// Uninstall: removes the host rule and the whole set (nothing when none was installed).
     fn uninstall(&self) -> Result<(), String> {

@@ -6,6 +6,7 @@ use std::net::IpAddr;
 use std::path::Path;
 
 use iptables_rules::config::HostProbeConfig;
+use iptables_rules::drift::{compare_probe, Finding};
 use iptables_rules::nft::host::NftHostProbe;
 use tracing::info;
 
@@ -54,6 +55,11 @@ impl ProbeSet for NftProbeSet {
             info!(?pruned, "pruned probe-set entries of pods no longer held");
         }
         Ok(())
+    }
+
+    fn check(&self, uid: &str, ips: &[IpAddr]) -> Result<Vec<Finding>, String> {
+        let entries = self.inner.lookup(ips).map_err(|e| e.to_string())?;
+        Ok(compare_probe(&entries, uid, ips))
     }
 
     fn uninstall(&self) -> Result<(), String> {

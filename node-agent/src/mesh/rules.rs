@@ -2,6 +2,7 @@
 //! The production rules are [`Redirector`] (iptables or nftables, plus the policy route).
 
 use iptables_rules::config::InpodConfig;
+use iptables_rules::drift::Finding;
 use iptables_rules::netns::Netns;
 use iptables_rules::redirector::{Redirector, Report};
 
@@ -15,6 +16,19 @@ pub trait PodRules: Send + Sync {
     fn remove(&self, ns: &Netns, cfg: &InpodConfig) -> Result<(), String>;
     /// What is installed in `ns`, and whether it is what `apply(cfg)` installs.
     fn show(&self, ns: &Netns, cfg: &InpodConfig) -> Result<Report, String>;
+    /// How the rules and route in `ns` differ from what `apply(cfg)` installs, read back
+    /// without writing (the drift verifier's check). By default from [`PodRules::show`].
+    fn verify(&self, ns: &Netns, cfg: &InpodConfig) -> Result<Vec<Finding>, String> {
+        self.show(ns, cfg).map(|r| {
+            if r.complete {
+                Vec::new()
+            } else {
+                vec![Finding::SectionMissing {
+                    section: "in-pod rules or policy route".into(),
+                }]
+            }
+        })
+    }
 }
 
 impl PodRules for Redirector {
@@ -29,5 +43,8 @@ impl PodRules for Redirector {
     }
     fn show(&self, ns: &Netns, cfg: &InpodConfig) -> Result<Report, String> {
         Redirector::show(self, ns, cfg).map_err(|e| e.to_string())
+    }
+    fn verify(&self, ns: &Netns, cfg: &InpodConfig) -> Result<Vec<Finding>, String> {
+        Redirector::verify(self, ns, cfg).map_err(|e| e.to_string())
     }
 }

@@ -11,6 +11,7 @@ use iptables_rules::netns::Netns;
 
 use crate::inpod::zds::snapshot::{SnapshotEntry, SnapshotSource};
 use crate::pods::PodId;
+use crate::verify::outcome::Verified;
 
 /// Where a held pod stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +72,8 @@ impl Held {
 #[derive(Debug, Default)]
 pub struct Table {
     pods: Mutex<BTreeMap<String, Held>>,
+    /// The drift verifier's last result per held pod, for `doctor`.
+    verified: Mutex<BTreeMap<String, Verified>>,
 }
 
 impl Table {
@@ -99,7 +102,29 @@ impl Table {
 
     /// Removes a pod, returning it.
     pub fn take(&self, uid: &str) -> Option<Held> {
+        self.verified_map().remove(uid);
         self.lock().remove(uid)
+    }
+
+    fn verified_map(&self) -> MutexGuard<'_, BTreeMap<String, Verified>> {
+        self.verified.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Records the drift verifier's result for a held pod (ignored if no longer held).
+    pub fn set_verified(&self, uid: &str, v: Verified) {
+        if self.lock().contains_key(uid) {
+            self.verified_map().insert(uid.to_owned(), v);
+        }
+    }
+
+    /// The drift verifier's last result for a pod.
+    pub fn verified(&self, uid: &str) -> Option<Verified> {
+        self.verified_map().get(uid).cloned()
+    }
+
+    /// UIDs of every held pod, sorted.
+    pub fn uids(&self) -> Vec<String> {
+        self.lock().keys().cloned().collect()
     }
 
     /// Updates a pod in place if held.

@@ -72,6 +72,7 @@ fn benches(root: &Path) -> Vec<Bench> {
             args: vec!["bench", "-p", "iptables-rules", "--bench", "nft_apply"],
         },
     ];
+    v.extend(drift_benches());
     // Interop with a real ztunnel only where the bench exists and ztunnel is given.
     if root.join("tests/benches/interop_add.rs").exists()
         && std::env::var_os("ZTUNNEL_BIN").is_some()
@@ -90,6 +91,14 @@ fn benches(root: &Path) -> Vec<Bench> {
         });
     }
     v
+}
+
+/// The drift verifier's cost (issue 19): one pass over 250 held pods.
+fn drift_benches() -> Vec<Bench> {
+    vec![Bench {
+        title: "Drift verification pass over 250 pods (`verify_pass`)",
+        args: vec!["bench", "-p", "iptables-rules", "--bench", "verify_pass"],
+    }]
 }
 
 fn sh(program: &str, args: &[&str]) -> String {
