@@ -3,7 +3,9 @@
 //! netns (the test's runtime thread `unshare`s one, so the node's own tables are never touched).
 //! Each kind of tampering is found and repaired with the ADD's apply, counted, and reported as
 //! an Event; a clean pod costs no write and no Event; an ADD/DEL holding the pod's lock wins;
-//! the scheduled verifier repairs within one interval and a "verify now" request at once.
+//! the scheduled verifier repairs within one interval and a "verify now" request at once; a
+//! kernel notification in the pod's netns (nf_tables, route/rule) verifies it at once, and our
+//! own writes cost one read-only verification and nothing more.
 
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -116,6 +118,11 @@ fn heard(w: &(Socket, Socket)) -> bool {
     [&w.0, &w.1]
         .iter()
         .any(|s| s.recv(&mut &mut buf[..], 0).is_ok())
+}
+
+/// Discards everything `w` heard so far.
+fn drain(w: &(Socket, Socket)) {
+    while heard(w) {}
 }
 
 struct Pod {
@@ -482,5 +489,116 @@ fn scheduled_verifier_repairs_within_one_interval_and_on_request() {
             .verified(UID)
             .expect("doctor's last verification");
         assert!(v.outcome.in_place(), "{:?}", v.outcome);
+    });
+}
+
+/// Waits until `cond` holds, at most `within`; panics with `what` otherwise.
+async fn within(within: Duration, what: &str, cond: impl Fn() -> bool) -> Duration {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < within, "{what}: not within {within:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    t0.elapsed()
+}
+
+#[test]
+fn kernel_notification_verifies_at_once_and_a_clean_pod_stays_quiet() {
+    if !root_or_skip() {
+        return;
+    }
+    in_test_host(|| async {
+        let w = world().await;
+        // An interval no test outlives: only a notification (or a request) verifies.
+        ambient_cni_agent::verify::verifier::spawn(
+            w.enroller.clone(),
+            w.metrics.clone(),
+            Duration::from_secs(3600),
+        );
+        within(Duration::from_secs(2), "pod watched", || {
+            w.metrics.watched_pods() == 1
+        })
+        .await;
+        let clean = || w.metrics.verifications("clean");
+
+        // Our own apply is heard: exactly one read-only verification, then quiet (no loop).
+        let held = w.enroller.table.get(UID).unwrap();
+        w.enroller.reapply(&held).await.unwrap();
+        within(Duration::from_secs(1), "own apply verified", || {
+            clean() == 1
+        })
+        .await;
+        let pod_watch = w.pod.ns.run(watch).unwrap();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        assert!(
+            !heard(&pod_watch),
+            "the verification wrote in the pod netns"
+        );
+        assert_eq!(w.metrics.notifications(), 1);
+        assert_eq!(clean(), 1);
+        assert_eq!(w.events.count(), 0);
+
+        // `nft flush ruleset` in the pod: repaired at once, then one clean echo and quiet.
+        sh(&w.pod.ns, &["nft", "flush", "ruleset"]);
+        let took = within(Duration::from_secs(1), "flush repaired", || {
+            w.metrics.repairs(DriftKind::Rules) == 1
+        })
+        .await;
+        eprintln!("nft flush ruleset repaired after {took:?}");
+        within(Duration::from_secs(2), "repair's echo verified", || {
+            clean() == 2
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        drain(&pod_watch);
+        let notes = w.metrics.notifications();
+
+        // The policy route deleted: repaired at once.
+        sh(
+            &w.pod.ns,
+            &[
+                "ip",
+                "route",
+                "del",
+                "local",
+                "0.0.0.0/0",
+                "dev",
+                "lo",
+                "table",
+                "100",
+            ],
+        );
+        let took = within(Duration::from_secs(1), "route repaired", || {
+            w.metrics.repairs(DriftKind::Route) == 1
+        })
+        .await;
+        eprintln!("policy route repaired after {took:?}");
+        within(Duration::from_secs(2), "repair's echo verified", || {
+            clean() == 3
+        })
+        .await;
+
+        // Settled: nothing more is verified, written, or notified.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        drain(&pod_watch);
+        let notes_settled = w.metrics.notifications();
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        assert!(!heard(&pod_watch), "a settled pod saw a kernel write");
+        assert_eq!(w.metrics.notifications(), notes_settled);
+        assert_eq!(
+            notes_settled,
+            notes + 2,
+            "the route repair: one burst and one echo"
+        );
+        assert_eq!(clean(), 3);
+        assert_eq!(w.metrics.repairs(DriftKind::Rules), 1);
+        assert_eq!(w.metrics.repairs(DriftKind::Route), 1);
+
+        // Released: the watch closes with it.
+        w.enroller.table.take(UID);
+        within(Duration::from_secs(1), "watch closed", || {
+            w.metrics.watched_pods() == 0
+        })
+        .await;
     });
 }

@@ -74,6 +74,8 @@ pub struct Table {
     pods: Mutex<BTreeMap<String, Held>>,
     /// The drift verifier's last result per held pod, for `doctor`.
     verified: Mutex<BTreeMap<String, Verified>>,
+    /// Wakes the one follower of the held set (the drift notification watches).
+    changed: tokio::sync::Notify,
 }
 
 impl Table {
@@ -85,6 +87,13 @@ impl Table {
     /// Inserts or replaces a pod.
     pub fn put(&self, held: Held) {
         self.lock().insert(held.id.uid.clone(), held);
+        self.changed.notify_one();
+    }
+
+    /// Resolves after the next change to the held pods (put, take or update; a change made
+    /// since the last call counts). For one follower only.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
     }
 
     /// One pod.
@@ -103,7 +112,9 @@ impl Table {
     /// Removes a pod, returning it.
     pub fn take(&self, uid: &str) -> Option<Held> {
         self.verified_map().remove(uid);
-        self.lock().remove(uid)
+        let held = self.lock().remove(uid);
+        self.changed.notify_one();
+        held
     }
 
     fn verified_map(&self) -> MutexGuard<'_, BTreeMap<String, Verified>> {
@@ -131,6 +142,7 @@ impl Table {
     pub fn update(&self, uid: &str, f: impl FnOnce(&mut Held)) {
         if let Some(h) = self.lock().get_mut(uid) {
             f(h);
+            self.changed.notify_one();
         }
     }
 

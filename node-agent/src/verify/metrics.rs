@@ -6,6 +6,7 @@ use iptables_rules::drift::DriftKind;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 
@@ -27,12 +28,15 @@ const RESULTS: [&str; 4] = ["clean", "repaired", "repair_failed", "error"];
 const PASS_BUCKETS: [f64; 10] = [0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0];
 
 /// `ambient_cni_drift_repairs_total{kind}`, `ambient_cni_verifications_total{result}`,
-/// `ambient_cni_verify_pass_seconds`.
+/// `ambient_cni_verify_pass_seconds`, `ambient_cni_drift_watched_pods`,
+/// `ambient_cni_drift_notifications_total`.
 #[derive(Debug)]
 pub struct VerifyMetrics {
     repairs: Family<KindLabel, Counter>,
     verifications: Family<ResultLabel, Counter>,
     pass: Histogram,
+    watched: Gauge,
+    notifications: Counter,
 }
 
 impl VerifyMetrics {
@@ -42,6 +46,8 @@ impl VerifyMetrics {
             repairs: Family::default(),
             verifications: Family::default(),
             pass: Histogram::new(PASS_BUCKETS),
+            watched: Gauge::default(),
+            notifications: Counter::default(),
         };
         for kind in DriftKind::ALL {
             let _ = m.repairs.get_or_create(&KindLabel {
@@ -67,7 +73,37 @@ impl VerifyMetrics {
             Unit::Seconds,
             m.pass.clone(),
         );
+        registry.register(
+            "ambient_cni_drift_watched_pods",
+            "Held pods whose netns is watched for nf_tables and route/rule changes",
+            m.watched.clone(),
+        );
+        registry.register(
+            "ambient_cni_drift_notifications",
+            "Kernel notifications (coalesced) that sent a held pod to verification at once",
+            m.notifications.clone(),
+        );
         m
+    }
+
+    /// Sets the number of watched pods.
+    pub fn set_watched(&self, n: usize) {
+        self.watched.set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// Counts one notification-triggered verification request.
+    pub fn notified(&self) {
+        self.notifications.inc();
+    }
+
+    /// Watched pods now (tests).
+    pub fn watched_pods(&self) -> i64 {
+        self.watched.get()
+    }
+
+    /// Notification-triggered requests so far (tests).
+    pub fn notifications(&self) -> u64 {
+        self.notifications.get()
     }
 
     /// Counts one repair of `kind`.

@@ -1,5 +1,6 @@
 //! The verifier task: follows the [`Scheduler`], one pod at a time (so passes never overlap and
-//! at most one readback runs), and takes "verify now" requests (a failed CHECK) at once.
+//! at most one readback runs), and takes "verify now" requests (a failed CHECK, a kernel
+//! notification) at once.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -14,8 +15,8 @@ use super::schedule::{Scheduler, Step};
 use crate::mesh::enroller::Enroller;
 
 /// Starts the verifier for `enroller`'s held pods, a pass every `interval`; nothing when the
-/// interval is zero (verification off). "Verify now" requests reach it through
-/// [`Enroller::request_verify`].
+/// interval is zero (verification off, notifications too). "Verify now" requests (a failed
+/// CHECK, a kernel notification: [`super::notify`]) reach it through [`Enroller::request_verify`].
 pub fn spawn(enroller: Arc<Enroller>, metrics: Arc<VerifyMetrics>, interval: Duration) {
     if interval.is_zero() {
         info!("drift verifier off (VERIFY_INTERVAL=0)");
@@ -23,6 +24,7 @@ pub fn spawn(enroller: Arc<Enroller>, metrics: Arc<VerifyMetrics>, interval: Dur
     }
     let (tx, rx) = mpsc::unbounded_channel();
     enroller.set_verify_requests(tx);
+    super::notify::spawn(enroller.clone(), metrics.clone());
     info!(
         interval_seconds = interval.as_secs_f64(),
         "drift verifier on"
