@@ -99,6 +99,8 @@ mod tests {
             ("ambient_cni_drift_repairs", "counter"),
             ("ambient_cni_verifications", "counter"),
             ("ambient_cni_verify_pass_seconds", "histogram"),
+            ("ambient_cni_drift_watched_pods", "gauge"),
+            ("ambient_cni_drift_notifications", "counter"),
         ];
         let got: Vec<(&str, &str)> = e
             .families

@@ -5,7 +5,8 @@
 //! an Event; a clean pod costs no write and no Event; an ADD/DEL holding the pod's lock wins;
 //! the scheduled verifier repairs within one interval and a "verify now" request at once; a
 //! kernel notification in the pod's netns (nf_tables, route/rule) verifies it at once, and our
-//! own writes cost one read-only verification and nothing more.
+//! own writes cost one read-only verification and nothing more; a pod whose netns was replaced
+//! is found by the /proc scan, repaired there and re-announced.
 
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -20,10 +21,12 @@ use ambient_cni_agent::mesh::metrics::EnrolMetrics;
 use ambient_cni_agent::mesh::netns::HostNetns;
 use ambient_cni_agent::mesh::persist::Store;
 use ambient_cni_agent::mesh::table::{Held, Phase, Table};
+use ambient_cni_agent::mesh::ztunnel::Ztunnel;
 use ambient_cni_agent::pods::PodId;
 use ambient_cni_agent::verify::metrics::VerifyMetrics;
 use ambient_cni_agent::verify::outcome::Outcome;
 use ambient_cni_agent::verify::pod::{verify_pod, EVENT_REASON};
+use ambient_cni_api::zds::WorkloadInfo;
 use iptables_rules::backend::{make, BackendKind};
 use iptables_rules::drift::DriftKind;
 use iptables_rules::netns::Netns;
@@ -184,6 +187,11 @@ mod tempdir {
 
 /// A held, enabled pod with its rules, route and probe-set entries in place.
 async fn world() -> World {
+    world_for(UID, pod_netns()).await
+}
+
+/// [`world`] for pod `uid` in `pod`.
+async fn world_for(uid: &str, pod: Pod) -> World {
     let dir = tempdir::Dir::new();
     let mut reg = Registry::default();
     let enrol = Arc::new(EnrolMetrics::new(&mut reg));
@@ -210,13 +218,12 @@ async fn world() -> World {
         },
         enrol,
     ));
-    let pod = pod_netns();
     let ips: Vec<IpAddr> = vec!["10.77.0.5".parse().unwrap()];
     let held = Held {
         id: PodId {
             namespace: "mesh".into(),
             name: "web".into(),
-            uid: UID.into(),
+            uid: uid.into(),
         },
         service_account: "sa".into(),
         netns: Some(pod.ns.clone()),
@@ -229,7 +236,7 @@ async fn world() -> World {
         since: SystemTime::now(),
     };
     enroller.reapply(&held).await.unwrap();
-    enroller.probes().upsert(UID, &ips).unwrap();
+    enroller.probes().upsert(uid, &ips).unwrap();
     enroller.table.put(held);
     World {
         enroller,
@@ -600,5 +607,83 @@ fn kernel_notification_verifies_at_once_and_a_clean_pod_stays_quiet() {
             w.metrics.watched_pods() == 0
         })
         .await;
+    });
+}
+
+/// What the enroller tells ztunnel: (uid, netns inode) per AddWorkload. The ZDS server itself is
+/// tested against the stand-in and stock ztunnel; here only the verifier's decision matters.
+#[derive(Default)]
+struct Announced(Mutex<Vec<(String, u64)>>);
+
+#[tonic::async_trait]
+impl Ztunnel for Announced {
+    async fn add_workload(&self, uid: &str, _: WorkloadInfo, netns: &Netns) -> Result<(), String> {
+        self.0
+            .lock()
+            .unwrap()
+            .push((uid.to_owned(), netns.id().ino));
+        Ok(())
+    }
+    async fn del_workload(&self, _: &str) -> Result<(), String> {
+        Ok(())
+    }
+    fn connections(&self) -> usize {
+        1
+    }
+}
+
+#[test]
+fn changed_netns_is_found_by_proc_scan_repaired_there_and_re_announced() {
+    if !root_or_skip() {
+        return;
+    }
+    if ambient_cni_tests::kubelet::cgroup2_mount().is_none() {
+        assert!(std::env::var_os("CI").is_none(), "no cgroup2 mount");
+        eprintln!("skipping: no cgroup2 hierarchy mounted");
+        return;
+    }
+    in_test_host(|| async {
+        let uid = ambient_cni_tests::kubelet::pod_uid(0xd1f7, 1);
+        let old = ambient_cni_tests::NamedNetns::new();
+        let path = old.path();
+        let ns = Arc::new(Netns::open(std::path::Path::new(&path), None).unwrap());
+        let pod = Pod {
+            _keep: ns.try_clone_fd().unwrap(),
+            ns: ns.clone(),
+            path,
+        };
+        let w = world_for(&uid, pod).await;
+        let zt = Arc::new(Announced::default());
+        w.enroller.set_ztunnel(zt.clone());
+        // The sandbox is replaced without an ADD reaching the agent: the held netns path is
+        // gone, the pod's process runs in a new netns holding its IP, in its kubelet cgroup.
+        let new = ambient_cni_tests::kubelet::RunningPod::start(&uid, "10.77.0.5");
+        old.delete().unwrap();
+        let out = verify_pod(&w.enroller, &w.metrics, &uid).await.unwrap();
+        assert!(
+            matches!(&out, Outcome::Repaired { kinds, .. } if kinds == &vec![DriftKind::Netns]),
+            "{out:?}"
+        );
+        let held = w.enroller.table.get(&uid).unwrap();
+        let now = held.netns.as_ref().unwrap().id();
+        let want = std::fs::metadata(new.netns.path()).unwrap();
+        assert_eq!(
+            (now.dev, now.ino),
+            (
+                std::os::unix::fs::MetadataExt::dev(&want),
+                std::os::unix::fs::MetadataExt::ino(&want)
+            )
+        );
+        assert_eq!(*zt.0.lock().unwrap(), vec![(uid.clone(), now.ino)]);
+        assert_eq!(w.metrics.repairs(DriftKind::Netns), 1);
+        assert!(w.events.last().1.contains("netns changed"));
+        // The rules are in place in the new netns; nothing more is announced.
+        let again = verify_pod(&w.enroller, &w.metrics, &uid).await.unwrap();
+        assert_eq!(again, Outcome::Clean);
+        assert_eq!(
+            zt.0.lock().unwrap().len(),
+            1,
+            "re-announced only on a change"
+        );
     });
 }
