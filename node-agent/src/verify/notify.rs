@@ -52,7 +52,34 @@ const RCVBUF: libc::c_int = 32 * 1024;
 
 /// Starts following the held pods of `enroller` (the verifier calls it when it is on).
 pub fn spawn(enroller: Arc<Enroller>, metrics: Arc<VerifyMetrics>) {
+    raise_open_files_limit();
     tokio::spawn(follow(enroller, metrics));
+}
+
+/// The watches cost two fds per held pod: the soft open-files limit is raised to the hard one
+/// (as Go's runtime does for istio-cni's agent), so they never starve an ADD's netns open.
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read/write the struct passed, which outlives the calls.
+    let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if got != 0 || lim.rlim_cur >= lim.rlim_max {
+        return;
+    }
+    let before = lim.rlim_cur;
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        debug!(
+            from = before,
+            to = lim.rlim_max,
+            "raised the open-files limit"
+        );
+    } else {
+        warn!(limit = before, error = %io::Error::last_os_error(), "cannot raise the open-files limit");
+    }
 }
 
 /// A pod's watch task, aborted (its sockets closed) when dropped.
