@@ -12,6 +12,7 @@ pub mod drift;
 pub mod error;
 pub mod exec;
 pub mod generate;
+pub mod kernel_writes;
 pub mod model;
 pub mod netns;
 pub mod nft;

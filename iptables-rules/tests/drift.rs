@@ -11,11 +11,11 @@ use std::time::Duration;
 
 use iptables_rules::backend::{make, BackendKind};
 use iptables_rules::drift::{compare_probe, kinds, DriftKind, Finding};
+use iptables_rules::kernel_writes::KernelWrites;
 use iptables_rules::model::Family;
 use iptables_rules::netns::Netns;
 use iptables_rules::nft::host::NftHostProbe;
 use iptables_rules::{HostProbeConfig, InpodConfig, Redirector};
-use netlink_sys::{protocols, Socket, SocketAddr};
 
 /// True if we may run; false (after a message) to skip. Under `CI` a non-root run fails.
 fn root_or_skip() -> bool {
@@ -69,32 +69,14 @@ fn first_handle(ns: &Netns, table: &str, chain: &str) -> String {
         .expect("a rule with a handle")
 }
 
-/// A netlink socket in `ns` subscribed to nf_tables and route/rule change notifications:
-/// anything it receives is a write to the kernel.
-fn watch_writes(ns: &Netns) -> (Socket, Socket) {
-    ns.run(|| {
-        let mut nf = Socket::new(protocols::NETLINK_NETFILTER).unwrap();
-        nf.bind(&SocketAddr::new(0, 0)).unwrap();
-        nf.add_membership(7).unwrap(); // NFNLGRP_NFTABLES
-        let mut rt = Socket::new(protocols::NETLINK_ROUTE).unwrap();
-        rt.bind(&SocketAddr::new(0, 0)).unwrap();
-        // RTNLGRP_IPV4_ROUTE, IPV4_RULE, IPV6_ROUTE, IPV6_RULE.
-        for g in [7, 8, 11, 19] {
-            rt.add_membership(g).unwrap();
-        }
-        nf.set_non_blocking(true).unwrap();
-        rt.set_non_blocking(true).unwrap();
-        (nf, rt)
-    })
-    .unwrap()
+/// Listeners in `ns` for nf_tables and route/rule changes: anything they hear is a write.
+fn watch_writes(ns: &Netns) -> KernelWrites {
+    ns.run(|| KernelWrites::open_here(None)).unwrap().unwrap()
 }
 
-fn nothing_written(socks: &(Socket, Socket)) -> bool {
+fn nothing_written(w: &KernelWrites) -> bool {
     std::thread::sleep(Duration::from_millis(50));
-    let mut buf = vec![0u8; 65536];
-    [&socks.0, &socks.1]
-        .iter()
-        .all(|s| s.recv(&mut &mut buf[..], 0).is_err())
+    !w.drain().unwrap()
 }
 
 fn redirector(kind: BackendKind) -> Option<Redirector> {

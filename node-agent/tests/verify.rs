@@ -29,9 +29,9 @@ use ambient_cni_agent::verify::pod::{verify_pod, EVENT_REASON};
 use ambient_cni_api::zds::WorkloadInfo;
 use iptables_rules::backend::{make, BackendKind};
 use iptables_rules::drift::DriftKind;
+use iptables_rules::kernel_writes::KernelWrites;
 use iptables_rules::netns::Netns;
 use iptables_rules::{HostProbeConfig, InpodConfig, Redirector};
-use netlink_sys::{protocols, Socket, SocketAddr};
 use prometheus_client::registry::Registry;
 
 const UID: &str = "0d7f5e1c-drift-test";
@@ -99,33 +99,20 @@ fn host_sh(args: &[&str]) {
     );
 }
 
-/// A netlink socket (in the calling thread's netns) that hears every nf_tables change and every
-/// route/rule change: anything it receives is a write to the kernel.
-fn watch() -> (Socket, Socket) {
-    let mut nf = Socket::new(protocols::NETLINK_NETFILTER).unwrap();
-    nf.bind(&SocketAddr::new(0, 0)).unwrap();
-    nf.add_membership(7).unwrap(); // NFNLGRP_NFTABLES
-    let mut rt = Socket::new(protocols::NETLINK_ROUTE).unwrap();
-    rt.bind(&SocketAddr::new(0, 0)).unwrap();
-    for g in [7, 8, 11, 19] {
-        // RTNLGRP_IPV4_ROUTE, IPV4_RULE, IPV6_ROUTE, IPV6_RULE
-        rt.add_membership(g).unwrap();
-    }
-    nf.set_non_blocking(true).unwrap();
-    rt.set_non_blocking(true).unwrap();
-    (nf, rt)
+/// Listeners (in the calling thread's netns) for every nf_tables and route/rule change:
+/// anything they hear is a write to the kernel.
+fn watch() -> KernelWrites {
+    KernelWrites::open_here(None).unwrap()
 }
 
-fn heard(w: &(Socket, Socket)) -> bool {
-    let mut buf = vec![0u8; 65536];
-    [&w.0, &w.1]
-        .iter()
-        .any(|s| s.recv(&mut &mut buf[..], 0).is_ok())
+/// Whether `w` heard a write since last asked (what it heard is discarded).
+fn heard(w: &KernelWrites) -> bool {
+    w.drain().unwrap()
 }
 
 /// Discards everything `w` heard so far.
-fn drain(w: &(Socket, Socket)) {
-    while heard(w) {}
+fn drain(w: &KernelWrites) {
+    heard(w);
 }
 
 struct Pod {

@@ -283,14 +283,7 @@ impl Enroller {
                 last_error: None,
                 since: SystemTime::now(),
             });
-            let rec = Record {
-                uid: req.id.uid.clone(),
-                namespace: req.id.namespace.clone(),
-                name: req.id.name.clone(),
-                netns_path: path,
-                netns_inode: netns.id().ino,
-                container_id: req.container_id.clone(),
-            };
+            let rec = Record::new(&req.id, path, netns.id().ino, req.container_id.clone());
             if let Err(e) = self.store.save(&rec) {
                 warn!(error = %e, "cannot record the pod's netns (a restart will scan /proc for it)");
             }

@@ -29,6 +29,25 @@ pub struct Record {
     pub container_id: Option<String>,
 }
 
+impl Record {
+    /// The record of pod `id` held in the netns at `netns_path` (inode `netns_inode`).
+    pub fn new(
+        id: &crate::pods::PodId,
+        netns_path: String,
+        netns_inode: u64,
+        container_id: Option<String>,
+    ) -> Self {
+        Self {
+            uid: id.uid.clone(),
+            namespace: id.namespace.clone(),
+            name: id.name.clone(),
+            netns_path,
+            netns_inode,
+            container_id,
+        }
+    }
+}
+
 /// Where records are kept (blocking: call off the runtime workers where it matters).
 pub trait RecordStore: Send + Sync {
     /// Saves (or replaces) a pod's record.

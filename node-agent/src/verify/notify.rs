@@ -19,8 +19,9 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use iptables_rules::kernel_writes::{drain, KernelWrites};
 use iptables_rules::netns::{Netns, NsId};
-use netlink_sys::{protocols, Socket, SocketAddr};
+use netlink_sys::Socket;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::task::JoinHandle;
@@ -38,17 +39,8 @@ pub const DEBOUNCE: Duration = Duration::from_millis(100);
 /// writer, and our own repair's echo to one verification.
 pub const MIN_GAP: Duration = Duration::from_millis(500);
 
-/// `NFNLGRP_NFTABLES` (linux/netfilter/nfnetlink.h).
-const NFNLGRP_NFTABLES: u32 = 7;
-/// The route and policy-rule groups of both families.
-const RT_GROUPS: [u32; 4] = [
-    libc::RTNLGRP_IPV4_ROUTE,
-    libc::RTNLGRP_IPV4_RULE,
-    libc::RTNLGRP_IPV6_ROUTE,
-    libc::RTNLGRP_IPV6_RULE,
-];
 /// Receive buffer per socket (the kernel doubles it); overruns are fine (see `drain`).
-const RCVBUF: libc::c_int = 32 * 1024;
+const RCVBUF: usize = 32 * 1024;
 
 /// Starts following the held pods of `enroller` (the verifier calls it when it is on).
 pub fn spawn(enroller: Arc<Enroller>, metrics: Arc<VerifyMetrics>) {
@@ -154,18 +146,13 @@ struct Sockets {
 /// Creates the sockets inside `ns` (on a thread that enters it) and registers them.
 async fn open(ns: &Arc<Netns>) -> Result<Sockets, String> {
     let ns2 = ns.clone();
-    let (nf, rt) = tokio::task::spawn_blocking(move || {
-        ns2.run(|| -> io::Result<(Socket, Socket)> {
-            Ok((
-                subscribe(protocols::NETLINK_NETFILTER, &[NFNLGRP_NFTABLES])?,
-                subscribe(protocols::NETLINK_ROUTE, &RT_GROUPS)?,
-            ))
-        })
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("netns {}: netlink socket: {e}", ns.label()))?;
+    let writes =
+        tokio::task::spawn_blocking(move || ns2.run(|| KernelWrites::open_here(Some(RCVBUF))))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("netns {}: netlink socket: {e}", ns.label()))?;
+    let KernelWrites { nf, rt } = writes;
     let reg = |s: Socket| {
         // SAFETY: the Socket owns its fd and closes it only when dropped, which the AsyncFd
         // owning it does last; the fd is never replaced.
@@ -181,37 +168,6 @@ async fn open(ns: &Arc<Netns>) -> Result<Sockets, String> {
         nf: reg(nf)?,
         rt: reg(rt)?,
     })
-}
-
-/// A non-blocking netlink socket of `proto` that joined `groups`.
-fn subscribe(proto: isize, groups: &[u32]) -> io::Result<Socket> {
-    let mut s = Socket::new(proto)?;
-    s.bind(&SocketAddr::new(0, 0))?;
-    for g in groups {
-        s.add_membership(*g)?;
-    }
-    s.set_rx_buf_sz(RCVBUF)?;
-    s.set_non_blocking(true)?;
-    Ok(s)
-}
-
-/// Reads and discards everything queued; whether anything (or an overrun) was heard.
-fn drain(s: &Socket) -> io::Result<bool> {
-    let mut buf = [0u8; 256];
-    let mut heard = false;
-    loop {
-        // MSG_TRUNC: a longer message is discarded whole, never split over reads.
-        match s.recv(&mut &mut buf[..], libc::MSG_TRUNC) {
-            Ok(_) => heard = true,
-            Err(e) => match e.raw_os_error() {
-                Some(libc::EAGAIN) => return Ok(heard),
-                Some(libc::EINTR) => {}
-                // Messages were dropped: something changed, and the queue is empty again.
-                Some(libc::ENOBUFS) => heard = true,
-                _ => return Err(e),
-            },
-        }
-    }
 }
 
 impl Sockets {

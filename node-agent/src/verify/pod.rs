@@ -225,14 +225,7 @@ async fn repair_netns(
         h.netns_path = Some(path.clone());
         h.since = SystemTime::now();
     });
-    let rec = Record {
-        uid: held.id.uid.clone(),
-        namespace: held.id.namespace.clone(),
-        name: held.id.name.clone(),
-        netns_path: path,
-        netns_inode: new.id().ino,
-        container_id: held.container_id.clone(),
-    };
+    let rec = Record::new(&held.id, path, new.id().ino, held.container_id.clone());
     if let Err(e) = enroller.save_record(&rec) {
         warn!(pod = %held.id, error = %e, "cannot record the pod's new netns");
     }
