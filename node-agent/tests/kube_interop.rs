@@ -20,7 +20,6 @@ use anyhow::{bail, ensure, Context};
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -60,10 +59,7 @@ fn peer() -> Option<Peer> {
 }
 
 async fn client_for(kubeconfig: &Path) -> anyhow::Result<Client> {
-    let kc = Kubeconfig::read_from(kubeconfig)
-        .with_context(|| format!("reading {}", kubeconfig.display()))?;
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-    Ok(Client::try_from(cfg)?)
+    ambient_cni_tests::peers::kube_client(kubeconfig).await
 }
 
 /// One test's cluster objects: two namespaces, the agent's RBAC (cluster-scoped names unique).

@@ -35,7 +35,6 @@ use iptables_rules::netns::Netns;
 use iptables_rules::{exec, inpod_ruleset, render, InpodConfig};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::{Api, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 use prost::Message;
 use serde_json::json;
@@ -153,11 +152,9 @@ impl Drop for Kube {
 }
 
 async fn client_for(kubeconfig: &Path) -> Client {
-    let kc = Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+    ambient_cni_tests::peers::kube_client(kubeconfig)
         .await
-        .expect("kubeconfig");
-    Client::try_from(cfg).expect("client")
+        .expect("kubeconfig")
 }
 
 /// The bench's cluster objects: one labelled namespace with the workloads' ServiceAccount.

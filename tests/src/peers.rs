@@ -691,6 +691,15 @@ impl AgentProcess {
     }
 }
 
+/// A client of a real kube-apiserver peer (or the node's) from its kubeconfig file.
+pub async fn kube_client(kubeconfig: &Path) -> anyhow::Result<kube::Client> {
+    let kc = kube::config::Kubeconfig::read_from(kubeconfig)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", kubeconfig.display()))?;
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
+        .await?;
+    Ok(kube::Client::try_from(cfg)?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

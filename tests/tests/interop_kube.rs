@@ -22,7 +22,6 @@ use k8s_openapi::api::authorization::v1::{
 use k8s_openapi::api::core::v1::{Event, Namespace, Pod, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -46,11 +45,9 @@ struct Cluster {
 }
 
 async fn client_for(kubeconfig: &Path) -> Client {
-    let kc = Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
-    let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+    ambient_cni_tests::peers::kube_client(kubeconfig)
         .await
-        .expect("kubeconfig");
-    Client::try_from(cfg).expect("client")
+        .expect("kubeconfig")
 }
 
 impl Cluster {

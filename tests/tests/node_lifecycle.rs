@@ -29,7 +29,6 @@ use ambient_cni_tests::peers::*;
 use ambient_cni_tests::*;
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::Client;
 use serde_json::{json, Value};
 
@@ -155,13 +154,9 @@ impl World {
             .build()
             .expect("runtime");
         let kc = peer.kubeconfig.clone();
-        let client = rt.block_on(async move {
-            let kc = Kubeconfig::read_from(&kc).expect("read NODE_KUBECONFIG");
-            let cfg = kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .expect("kubeconfig");
-            Client::try_from(cfg).expect("client")
-        });
+        let client = rt
+            .block_on(ambient_cni_tests::peers::kube_client(&kc))
+            .expect("NODE_KUBECONFIG");
         let image = image_ref(&peer.image_tar).expect("image ref");
         let next_image = format!("{image}-next");
         Self {
