@@ -20,6 +20,7 @@ pub mod normalize;
 pub mod redirector;
 pub mod render;
 pub mod route;
+pub mod sidecar;
 pub mod testing;
 
 pub use backend::{make, BackendKind, Installed, RulesBackend};
