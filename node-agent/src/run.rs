@@ -95,6 +95,7 @@ fn host_probes(args: &RunArgs) -> Arc<dyn crate::mesh::hooks::ProbeSet> {
 }
 
 async fn serve(args: RunArgs) -> anyhow::Result<()> {
+    catch_shutdown_signals();
     info!(node = %args.node_name, "starting ambient-cni-agent");
     let policy = policy_from(&args)?;
     // For the upgrade-or-uninstall question at SIGTERM (stop_mode); made now so a bad
@@ -314,19 +315,47 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on the first SIGTERM or SIGINT.
-pub async fn shutdown_signal() {
+/// Set once the first SIGTERM or SIGINT arrived; every [`shutdown_signal`] waits on it.
+static SHUTDOWN: std::sync::OnceLock<tokio::sync::watch::Receiver<bool>> =
+    std::sync::OnceLock::new();
+
+/// Catches SIGTERM/SIGINT from now on. Called first thing at start: a signal that lands
+/// while the agent is still starting (after it touched the host, before its tasks run)
+/// must reach the stop path, not the default action or a listener made too late.
+pub fn catch_shutdown_signals() {
     use tokio::signal::unix::{signal, SignalKind};
+    if SHUTDOWN.get().is_some() {
+        return;
+    }
     let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
     ) else {
-        // Without signal handlers the process still dies on the default action.
+        warn!("cannot catch SIGTERM/SIGINT: the agent will stop without its stop path");
+        return;
+    };
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    if SHUTDOWN.set(rx).is_err() {
+        return;
+    }
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = term.recv() => info!("SIGTERM"),
+            _ = int.recv() => info!("SIGINT"),
+        }
+        let _ = tx.send(true);
+    });
+}
+
+/// Resolves once SIGTERM or SIGINT has arrived (also when it arrived before this was called).
+pub async fn shutdown_signal() {
+    let Some(rx) = SHUTDOWN.get() else {
+        // Signals are not caught: the process dies on the default action.
         return std::future::pending().await;
     };
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM"),
-        _ = int.recv() => info!("SIGINT"),
+    let mut rx = rx.clone();
+    if rx.wait_for(|fired| *fired).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

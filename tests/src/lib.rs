@@ -442,6 +442,24 @@ pub struct AgentProcess {
 impl AgentProcess {
     /// Starts the agent under `dir` with `extra` flags; waits until it is ready.
     pub fn start(dir: &Path, extra: &[&str]) -> Self {
+        // The log is appended across restarts in one dir: wait for a new "agent ready".
+        let before = std::fs::read_to_string(dir.join("agent.log"))
+            .unwrap_or_default()
+            .matches("agent ready")
+            .count();
+        let mut me = Self::spawn(dir, extra);
+        let ready = wait_for(Duration::from_secs(20), || {
+            me.log_text().matches("agent ready").count() > before
+        });
+        if !ready {
+            me.kill();
+            panic!("agent did not become ready; log:\n{}", me.log_text());
+        }
+        me
+    }
+
+    /// Starts the agent under `dir` with `extra` flags and returns at once (not waiting for ready).
+    pub fn spawn(dir: &Path, extra: &[&str]) -> Self {
         std::fs::create_dir_all(dir.join("pods")).expect("pods dir");
         let log = dir.join("agent.log");
         let logf = std::fs::OpenOptions::new()
@@ -472,21 +490,12 @@ impl AgentProcess {
             cmd.args(["--log-level", "info,ambient_cni_agent=debug"]);
         }
         let child = cmd.spawn().expect("spawn agent");
-        let mut me = Self {
+        Self {
             child,
             dir: dir.to_owned(),
             socket,
             log,
-        };
-        let before = me.log_text().matches("agent ready").count();
-        let ready = wait_for(Duration::from_secs(20), || {
-            me.log_text().matches("agent ready").count() > before
-        });
-        if !ready {
-            me.kill();
-            panic!("agent did not become ready; log:\n{}", me.log_text());
         }
-        me
     }
 
     /// The agent's pid.

@@ -277,3 +277,55 @@ fn the_agent_runs_with_no_new_privs_and_five_capabilities() {
     assert_eq!(caps("CapBnd:"), keep, "{status}");
     assert_eq!(caps("CapInh:"), 0, "{status}");
 }
+
+/// SIGTERM at any moment of the agent's start (it may already have touched the host:
+/// the probe set, the sockets) takes the stop path and exits 0; only a SIGTERM before
+/// it began starting may end it by the default action. Before the signal was caught
+/// first thing, one landing between two listeners was lost and the agent ran on until
+/// SIGKILL, leaving the host's probe table behind at an uninstall.
+#[test]
+fn sigterm_while_starting_takes_the_stop_path() {
+    use std::os::unix::process::ExitStatusExt;
+    if !require_root("sigterm_while_starting_takes_the_stop_path") {
+        return;
+    }
+    let dir = mesh_dir();
+    let empty_proc = dir.join("proc");
+    std::fs::create_dir_all(&empty_proc).expect("proc dir");
+    let proc_arg = empty_proc.display().to_string();
+    let mut stopped = 0;
+    for (round, delay_ms) in [0u64, 1, 2, 5, 10, 20, 40, 80, 150].iter().enumerate() {
+        let round_dir = dir.join(&format!("r{round}"));
+        std::fs::create_dir_all(round_dir.join("pods")).expect("dir");
+        // An empty /proc: no kubelet found, so the host's probe table is never touched.
+        let mut agent = AgentProcess::spawn(&round_dir, &["--host-proc", &proc_arg]);
+        std::thread::sleep(Duration::from_millis(*delay_ms));
+        let st = agent.terminate(Duration::from_secs(10));
+        let log = agent.log_text();
+        let st = st.unwrap_or_else(|| {
+            panic!("SIGTERM {delay_ms} ms after exec: still running after 10 s\n{log}")
+        });
+        if st.success() {
+            assert!(
+                log.contains("stopped (in-pod rules stay in place)"),
+                "exit 0 without the stop path\n{log}"
+            );
+            assert!(
+                !round_dir.join("plugin.sock").exists(),
+                "the plugin socket is left"
+            );
+            stopped += 1;
+        } else {
+            assert_eq!(
+                st.signal(),
+                Some(15),
+                "SIGTERM {delay_ms} ms after exec: {st:?}\n{log}"
+            );
+            assert!(
+                !log.contains("starting ambient-cni-agent"),
+                "killed by SIGTERM after it began starting\n{log}"
+            );
+        }
+    }
+    assert!(stopped > 0, "no round reached the stop path");
+}
