@@ -143,7 +143,7 @@ impl Iptables {
     /// makes `*-save` pointless (a fresh pod then costs one exec, the restore). Asked of
     /// the kernel directly: nf_tables table list for iptables-nft, `/proc/thread-self/net`
     /// for legacy. Any doubt answers true.
-    fn may_have_state(&self, family: Family) -> bool {
+    pub(crate) fn may_have_state(&self, family: Family) -> bool {
         const OURS: [&str; 3] = ["mangle", "nat", "raw"];
         match self.flavor {
             Flavor::Nft => {
