@@ -384,13 +384,14 @@ mod tests {
 
     #[test]
     fn bad_values_are_refused_naming_pod_key_and_value() {
-        let cases: [(&str, &str, &str); 9] = [
+        let cases: [(&str, &str, &str); 10] = [
             (EXCLUDE_INBOUND_PORTS, "80,http", "is not a number"),
             (INCLUDE_INBOUND_PORTS, "70000", "out of range"),
             (EXCLUDE_OUTBOUND_PORTS, "*", "only valid for includeInboundPorts"),
             (INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33", "prefix length"),
             (EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0", "missing /prefix"),
-            (EXCLUDE_OUTBOUND_IP_RANGES, "*", "not an IP address"),
+            (EXCLUDE_OUTBOUND_IP_RANGES, "*", "missing /prefix"),
+            (INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.300/8", "not an IP address"),
             (EXCLUDE_INTERFACES, "eth0,0bad", "invalid characters"),
             (REROUTE_VIRTUAL_INTERFACES, "averyveryverylongname", "too long"),
             (INTERCEPTION_MODE, "NONE", "REDIRECT or TPROXY"),
