@@ -43,7 +43,8 @@ pub struct Tools {
 }
 
 impl Tools {
-    fn new(bin: &str) -> Self {
+    /// `bin`, `bin-save` and `bin-restore`.
+    pub fn new(bin: &str) -> Self {
         Self {
             bin: bin.to_owned(),
             save: format!("{bin}-save"),
@@ -107,6 +108,11 @@ impl Iptables {
             v4: Tools::new(bin),
             v6: v6_ok.then_some(v6),
         }
+    }
+
+    /// Explicit binaries per family (benches, and tests that need a family's tool to fail).
+    pub fn with_tools(flavor: Flavor, v4: Tools, v6: Option<Tools>) -> Self {
+        Self { flavor, v4, v6 }
     }
 
     /// The flavor in use.
