@@ -256,7 +256,7 @@ impl Iptables {
     /// chains still hooked, e.g. keeping NAT active). Deletes those that hold no rule, in
     /// one nft batch whose `delete chain` fails (EBUSY, whole batch aborted) should a rule
     /// appear meanwhile, so nobody else's rule can be lost.
-    fn drop_empty_compat_tables(&self, family: Family) -> Result<(), RulesError> {
+    pub(crate) fn drop_empty_compat_tables(&self, family: Family) -> Result<(), RulesError> {
         let nft_family = match family {
             Family::V4 => "ip",
             Family::V6 => "ip6",

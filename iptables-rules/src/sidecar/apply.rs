@@ -131,23 +131,37 @@ fn apply_here(ipt: &Iptables, cfg: &SidecarConfig) -> Result<Applied, RulesError
     })
 }
 
-/// Puts each family written so far back to its saved state after `err`.
+/// Puts each family touched so far (the failed one included: `iptables-restore` commits
+/// per table) back to its saved state after `err`; every family is tried.
 fn undo(ipt: &Iptables, err: RulesError, done: Vec<(Family, TableLines)>) -> RulesError {
+    let mut failed = None;
     for (family, before) in done.into_iter().rev() {
         let Some(tools) = ipt.tools(family) else {
             continue;
         };
-        let back = current(ipt, tools, family)
-            .and_then(|now| restore(ipt, tools, &transition(&now, &before)));
+        let back = current(ipt, tools, family).and_then(|now| {
+            if now == before {
+                return Ok(());
+            }
+            restore(ipt, tools, &transition(&now, &before))?;
+            if before.is_empty() && ipt.flavor() == Flavor::Nft {
+                // iptables-nft leaves the tables it created; a fresh netns had none.
+                ipt.drop_empty_compat_tables(family)?;
+            }
+            Ok(())
+        });
         if let Err(rb) = back {
-            return RulesError::Rollback {
-                netns: "current".into(),
-                apply: Box::new(err),
-                rollback: Box::new(rb),
-            };
+            failed.get_or_insert(rb);
         }
     }
-    err
+    match failed {
+        None => err,
+        Some(rb) => RulesError::Rollback {
+            netns: "current".into(),
+            apply: Box::new(err),
+            rollback: Box::new(rb),
+        },
+    }
 }
 
 /// Our state for a family; skips the `*-save` exec when none of our tables exists.
