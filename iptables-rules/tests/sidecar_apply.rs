@@ -188,3 +188,58 @@ fn sidecar_conflicting_chain_is_replaced() {
     r.apply(&fresh.open(), &cfg).unwrap();
     assert_eq!(snapshot(&ns), snapshot(&fresh));
 }
+
+#[test]
+fn sidecar_nft_uses_its_own_tables_reapplies_as_a_no_op_and_replaces() {
+    if !root_or_skip("sidecar_nft_uses_its_own_tables_reapplies_as_a_no_op_and_replaces") {
+        return;
+    }
+    let r = SidecarRedirector::new(BackendKind::Nftables);
+    let ns = NamedNetns::new("scnft");
+    let pod = ns.open();
+    let dns = SidecarConfig::from_inputs(&inputs(
+        &[],
+        &[("ISTIO_META_DNS_CAPTURE", "true")],
+        "10.1.0.2",
+    ))
+    .unwrap();
+    assert_eq!(r.apply(&pod, &dns).unwrap(), Applied::Installed);
+    assert_eq!(
+        ns.exec(&["nft", "list", "tables"]),
+        "table ip istio-proxy-nat\ntable ip istio-proxy-raw\n"
+    );
+    assert!(r.matches(&pod, &dns).unwrap());
+
+    let writes = pod.run(|| KernelWrites::open_here(None)).unwrap().unwrap();
+    writes.drain().unwrap();
+    assert_eq!(r.apply(&pod, &dns).unwrap(), Applied::AlreadyPresent);
+    assert!(!writes.drain().unwrap(), "re-apply wrote to the kernel");
+
+    // TPROXY, dual stack: replaces the tables in one transaction; equals a fresh netns's.
+    let mut dual = inputs(
+        &[("sidecar.istio.io/interceptionMode", "TPROXY")],
+        &[("ISTIO_DUAL_STACK", "true")],
+        "10.1.0.2",
+    );
+    dual.pod_ips.push("fd01::2".parse().unwrap());
+    let dual = SidecarConfig::from_inputs(&dual).unwrap();
+    assert_eq!(r.apply(&pod, &dual).unwrap(), Applied::Installed);
+    assert!(r.matches(&pod, &dual).unwrap() && !r.matches(&pod, &dns).unwrap());
+    let fresh = NamedNetns::new("scnftfresh");
+    r.apply(&fresh.open(), &dual).unwrap();
+    let list = |n: &NamedNetns| normalize::nft_list(&n.exec(&["nft", "list", "ruleset"]));
+    assert_eq!(list(&ns), list(&fresh));
+    assert!(!list(&ns).contains("istio-ambient"));
+    assert!(list(&ns).contains("table ip6 istio-proxy-mangle"), "{}", list(&ns));
+    if std::env::var_os("SHOW_NFT").is_some() {
+        let both = SidecarConfig::from_inputs(&inputs(
+            &[("sidecar.istio.io/interceptionMode", "TPROXY")],
+            &[("ISTIO_META_DNS_CAPTURE", "true"), ("INVALID_DROP", "true")],
+            "fd01::2",
+        ))
+        .unwrap();
+        let show = NamedNetns::new("scshow");
+        r.apply(&show.open(), &both).unwrap();
+        eprintln!("{}", show.exec(&["nft", "list", "ruleset"]));
+    }
+}

@@ -233,9 +233,9 @@ fn udp_lands(from: &Netns, dst: SocketAddr, on: &UdpSocket) -> bool {
     on.recv_from(&mut buf).is_ok()
 }
 
-/// The sidecar backends to run (the native nftables one is not there yet: skipped loudly).
+/// The sidecar backends to run: both.
 fn backends() -> Vec<BackendKind> {
-    vec![BackendKind::Iptables]
+    BackendKind::ALL.to_vec()
 }
 
 /// REDIRECT mode, one family: outbound to 15001 with its original destination, the

@@ -7,7 +7,8 @@
 //!
 //! Files: [`params`] (pure parsing and validation), [`generate`] (pure rule generation,
 //! Istio's restore payload), [`canon`] (pure save form, for "already installed"),
-//! [`apply`] (iptables effects), [`route`] (TPROXY's policy route).
+//! [`apply`] (iptables effects), [`nft`] (pure nftables form), [`nft_apply`] (its
+//! effects), [`route`] (TPROXY's policy route).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -22,6 +23,8 @@ use crate::netns::Netns;
 pub mod apply;
 pub mod canon;
 pub mod generate;
+pub mod nft;
+pub mod nft_apply;
 pub mod params;
 pub mod route;
 
@@ -229,14 +232,6 @@ fn iptables() -> Result<&'static Iptables, RulesError> {
         })
 }
 
-fn nft_not_yet(ns: &Netns, cfg: &SidecarConfig) -> RulesError {
-    RulesError::NotAvailable {
-        backend: "nftables".into(),
-        reason: "sidecar redirection is implemented for the iptables backend only".into(),
-    }
-    .in_netns(&format!("{} (pod {})", ns.label(), cfg.pod))
-}
-
 /// Installs sidecar rules with one backend.
 #[derive(Debug, Clone, Copy)]
 pub struct SidecarRedirector {
@@ -259,7 +254,7 @@ impl SidecarRedirector {
     pub fn apply(&self, ns: &Netns, cfg: &SidecarConfig) -> Result<Applied, RulesError> {
         match self.kind {
             BackendKind::Iptables => apply::apply_iptables(iptables()?, ns, cfg),
-            BackendKind::Nftables => Err(nft_not_yet(ns, cfg)),
+            BackendKind::Nftables => nft_apply::apply_nft(ns, cfg),
         }
     }
 
@@ -267,7 +262,7 @@ impl SidecarRedirector {
     pub fn matches(&self, ns: &Netns, cfg: &SidecarConfig) -> Result<bool, RulesError> {
         match self.kind {
             BackendKind::Iptables => apply::matches_iptables(iptables()?, ns, cfg),
-            BackendKind::Nftables => Err(nft_not_yet(ns, cfg)),
+            BackendKind::Nftables => nft_apply::matches_nft(ns, cfg),
         }
     }
 }
