@@ -57,7 +57,10 @@ fn sidecar_bad_annotations_are_refused_and_install_nothing() {
     let before = snapshot(&ns);
     let bad = [
         ("traffic.sidecar.istio.io/excludeInboundPorts", "80,http"),
-        ("traffic.sidecar.istio.io/includeOutboundIPRanges", "10.0.0.0/40"),
+        (
+            "traffic.sidecar.istio.io/includeOutboundIPRanges",
+            "10.0.0.0/40",
+        ),
         ("traffic.sidecar.istio.io/excludeInterfaces", "eth0,-x"),
         ("sidecar.istio.io/interceptionMode", "MAGIC"),
     ];
@@ -106,7 +109,9 @@ fn sidecar_failure_in_the_second_family_leaves_nothing() {
     dual.pod_ips.push("fd01::2".parse().unwrap());
     let dual = SidecarConfig::from_inputs(&dual).unwrap();
     assert!(!cfg.ipv6() && dual.ipv6());
-    let err = apply_iptables(&ipt, &ns.open(), &dual).unwrap_err().to_string();
+    let err = apply_iptables(&ipt, &ns.open(), &dual)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains(&ns.path().display().to_string()) && err.contains("pod default/app"),
         "{err}"
@@ -140,7 +145,10 @@ fn sidecar_reapply_writes_nothing_and_a_new_config_replaces_the_old() {
     let other = SidecarConfig::from_inputs(&inputs(
         &[
             ("sidecar.istio.io/interceptionMode", "TPROXY"),
-            ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "10.9.0.0/16"),
+            (
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                "10.9.0.0/16",
+            ),
         ],
         &[("ISTIO_META_DNS_CAPTURE", "true")],
         "10.1.0.2",
@@ -230,7 +238,11 @@ fn sidecar_nft_uses_its_own_tables_reapplies_as_a_no_op_and_replaces() {
     let list = |n: &NamedNetns| normalize::nft_list(&n.exec(&["nft", "list", "ruleset"]));
     assert_eq!(list(&ns), list(&fresh));
     assert!(!list(&ns).contains("istio-ambient"));
-    assert!(list(&ns).contains("table ip6 istio-proxy-mangle"), "{}", list(&ns));
+    assert!(
+        list(&ns).contains("table ip6 istio-proxy-mangle"),
+        "{}",
+        list(&ns)
+    );
     if std::env::var_os("SHOW_NFT").is_some() {
         let both = SidecarConfig::from_inputs(&inputs(
             &[("sidecar.istio.io/interceptionMode", "TPROXY")],

@@ -275,7 +275,13 @@ fn sidecar_ipv6_kernel_state_equals_istio() {
             expected_state(&v6, Family::V6),
             "{name}: canonical IPv6 save form"
         );
-        assert!(matches_iptables(&ipt, &gold.open(), &cfg).unwrap(), "{name}");
-        assert!(matches_iptables(&ipt, &ours.open(), &cfg).unwrap(), "{name}");
+        assert!(
+            matches_iptables(&ipt, &gold.open(), &cfg).unwrap(),
+            "{name}"
+        );
+        assert!(
+            matches_iptables(&ipt, &ours.open(), &cfg).unwrap(),
+            "{name}"
+        );
     }
 }

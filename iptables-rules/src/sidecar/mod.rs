@@ -135,12 +135,7 @@ impl SidecarConfig {
 
     /// One line for logs and Events (mode, owner, ranges, ports).
     pub fn summary(&self) -> String {
-        let join = |v: &[u16]| {
-            v.iter()
-                .map(u16::to_string)
-                .collect::<Vec<_>>()
-                .join(",")
-        };
+        let join = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
         let inbound = match &self.include_inbound {
             Inbound::All => "*".to_owned(),
             Inbound::Ports(p) => join(p),

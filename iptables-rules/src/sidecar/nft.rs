@@ -11,7 +11,9 @@ use crate::error::RulesError;
 use crate::model::Family;
 use crate::nft::consts::*;
 use crate::nft::lower::{ifname, meta_cmp, NftChain, NftTable};
-use crate::nft::{BaseChain, Batch, ChainType, CmpOp, CtKey, Expr, Hook, MetaKey, PayloadBase, Verdict};
+use crate::nft::{
+    BaseChain, Batch, ChainType, CmpOp, CtKey, Expr, Hook, MetaKey, PayloadBase, Verdict,
+};
 
 /// Our table names, in Istio's nft order (nat, mangle, raw).
 pub const TABLES: [(&str, &str); 3] = [
@@ -128,7 +130,9 @@ pub fn apply_batch(want: &[(Family, Vec<NftTable>)]) -> Batch {
 }
 
 fn unsupported(what: &str) -> RulesError {
-    RulesError::Config(format!("nftables: sidecar rule part {what:?} has no lowering"))
+    RulesError::Config(format!(
+        "nftables: sidecar rule part {what:?} has no lowering"
+    ))
 }
 
 fn op(neg: bool) -> CmpOp {
@@ -173,7 +177,7 @@ fn addr_cmp(e: &mut Vec<Expr>, addr: IpAddr, len: u32, neg: bool, src: bool) {
         dreg: R1,
     });
     let mut want = bytes[..n].to_vec();
-    if len % 8 != 0 {
+    if !len.is_multiple_of(8) {
         let mut mask = vec![0xffu8; n];
         mask[n - 1] = 0xffu8 << (8 - len % 8);
         for (w, m) in want.iter_mut().zip(&mask) {

@@ -134,4 +134,3 @@ pub fn read(sock: &mut NftSocket, family: Family) -> Result<Vec<NftTable>, Rules
     }
     Ok(out)
 }
-

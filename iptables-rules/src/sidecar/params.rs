@@ -369,16 +369,17 @@ mod tests {
 
     #[test]
     fn owner_falls_back_to_1337_when_unset_or_root() {
-        for (uid, want) in [(None, 1337), (Some(0), 1337), (Some(1000670000), 1000670000)] {
+        for (uid, want) in [
+            (None, 1337),
+            (Some(0), 1337),
+            (Some(1000670000), 1000670000),
+        ] {
             let mut i = inputs(&[], &[]);
             i.proxy_uid = uid;
             i.proxy_gid = uid.map(|u| if u == 0 { 0 } else { u + 1 });
             let c = SidecarConfig::from_inputs(&i).unwrap();
             assert_eq!(c.proxy_uid(), want);
-            assert_eq!(
-                c.proxy_gid(),
-                if want == 1337 { 1337 } else { want + 1 }
-            );
+            assert_eq!(c.proxy_gid(), if want == 1337 { 1337 } else { want + 1 });
         }
     }
 
@@ -387,13 +388,25 @@ mod tests {
         let cases: [(&str, &str, &str); 10] = [
             (EXCLUDE_INBOUND_PORTS, "80,http", "is not a number"),
             (INCLUDE_INBOUND_PORTS, "70000", "out of range"),
-            (EXCLUDE_OUTBOUND_PORTS, "*", "only valid for includeInboundPorts"),
+            (
+                EXCLUDE_OUTBOUND_PORTS,
+                "*",
+                "only valid for includeInboundPorts",
+            ),
             (INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/33", "prefix length"),
             (EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0", "missing /prefix"),
             (EXCLUDE_OUTBOUND_IP_RANGES, "*", "missing /prefix"),
-            (INCLUDE_OUTBOUND_IP_RANGES, "10.0.0.300/8", "not an IP address"),
+            (
+                INCLUDE_OUTBOUND_IP_RANGES,
+                "10.0.0.300/8",
+                "not an IP address",
+            ),
             (EXCLUDE_INTERFACES, "eth0,0bad", "invalid characters"),
-            (REROUTE_VIRTUAL_INTERFACES, "averyveryverylongname", "too long"),
+            (
+                REROUTE_VIRTUAL_INTERFACES,
+                "averyveryverylongname",
+                "too long",
+            ),
             (INTERCEPTION_MODE, "NONE", "REDIRECT or TPROXY"),
         ];
         for (key, value, why) in cases {
@@ -415,7 +428,11 @@ mod tests {
             (&[a("fd00::1"), a("10.0.0.1")], false, Some(true)),
             (&[a("10.0.0.1"), a("fd00::1")], true, Some(true)),
             (&[a("10.0.0.1")], true, Some(false)),
-            (&[a("fe80::1"), a("127.0.0.1"), a("10.0.0.1")], false, Some(false)),
+            (
+                &[a("fe80::1"), a("127.0.0.1"), a("10.0.0.1")],
+                false,
+                Some(false),
+            ),
             (&[a("::ffff:10.0.0.1")], false, Some(false)),
             (&[a("fe80::1")], false, None),
         ];
