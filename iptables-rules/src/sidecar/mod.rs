@@ -234,8 +234,13 @@ pub struct SidecarRedirector {
 }
 
 impl SidecarRedirector {
-    /// A redirector for `kind`.
+    /// A redirector for `kind`. For iptables this detects the flavour now (once per
+    /// process), so call it at start in the host netns, not first on a pod's ADD.
     pub fn new(kind: BackendKind) -> Self {
+        if kind == BackendKind::Iptables {
+            // A detection failure is reported by every apply/matches.
+            let _ = iptables();
+        }
         Self { kind }
     }
 
