@@ -368,6 +368,21 @@ mod tests {
     }
 
     #[test]
+    fn summary_names_the_pod_and_the_essentials() {
+        let c = SidecarConfig::from_inputs(&inputs(
+            &[(EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8")],
+            &[(ENV_DNS_CAPTURE, "true")],
+        ))
+        .unwrap();
+        assert_eq!(
+            c.summary(),
+            "sidecar redirection for ns1/pod1: mode REDIRECT, owner 1337/1337, outbound * \
+             (excluding [10.0.0.0/8], ports [15020]), inbound * (excluding ports \
+             [15020,15021,15090]), dns capture on, IPv4"
+        );
+    }
+
+    #[test]
     fn owner_falls_back_to_1337_when_unset_or_root() {
         for (uid, want) in [
             (None, 1337),
