@@ -41,7 +41,7 @@ pub struct SidecarInputs {
     pub proxy_uid: Option<i64>,
     /// `istio-proxy` `securityContext.runAsGroup` (1337 when unset or 0).
     pub proxy_gid: Option<i64>,
-    /// The pod's addresses in prevResult order (the IPv6 decision reads them).
+    /// The pod's addresses (from prevResult; the IPv6 decision reads them, order aside).
     pub pod_ips: Vec<IpAddr>,
 }
 
