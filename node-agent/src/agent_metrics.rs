@@ -149,8 +149,10 @@ mod tests {
         m.install.set_ready(true);
         m.fallbacks.add(2, 1);
         m.verify.repaired(iptables_rules::drift::DriftKind::Rules);
-        m.sidecar
-            .add(crate::mesh::sidecar_metrics::result::PROGRAMMED, Duration::from_millis(4));
+        m.sidecar.add(
+            crate::mesh::sidecar_metrics::result::PROGRAMMED,
+            Duration::from_millis(4),
+        );
         let e = scrape(&m);
         let v = |n: &str, l: &[(&str, &str)]| e.value(n, l).unwrap_or_else(|| panic!("{n} {l:?}"));
         assert_eq!(
@@ -282,13 +284,19 @@ mod tests {
             0.0
         );
         assert_eq!(
-            v("ambient_cni_sidecar_adds_total", &[("result", "programmed")]),
+            v(
+                "ambient_cni_sidecar_adds_total",
+                &[("result", "programmed")]
+            ),
             1.0
         );
         assert_eq!(
             v("ambient_cni_sidecar_adds_total", &[("result", "invalid")]),
             0.0
         );
-        assert_eq!(v("ambient_cni_sidecar_add_duration_seconds_count", &[]), 1.0);
+        assert_eq!(
+            v("ambient_cni_sidecar_add_duration_seconds_count", &[]),
+            1.0
+        );
     }
 }

@@ -243,9 +243,7 @@ where
         Err(e) => return Err(log_add_error(log, pod, agent_error(e))),
     };
     match pb::Decision::try_from(resp.decision) {
-        Ok(pb::Decision::Captured | pb::Decision::NotInMesh | pb::Decision::Sidecar) => {
-            Ok(output)
-        }
+        Ok(pb::Decision::Captured | pb::Decision::NotInMesh | pb::Decision::Sidecar) => Ok(output),
         _ => Err(CniError::new(
             AGENT_PROTOCOL,
             format!("node agent gave no decision (got {})", resp.decision),

@@ -1534,19 +1534,21 @@ fn sidecar_pod_with_a_bad_annotation_fails_its_add_and_gets_a_warning_event() {
     }))
     .expect("pod");
     let api: Api<Pod> = Api::namespaced(c.admin.clone(), &shop);
-    let uid = c
-        .rt
-        .block_on(api.create(&PostParams::default(), &p))
-        .expect("create pod")
-        .metadata
-        .uid
-        .expect("uid");
+    let uid =
+        c.rt.block_on(api.create(&PostParams::default(), &p))
+            .expect("create pod")
+            .metadata
+            .uid
+            .expect("uid");
     let bridge = HostLink(unique("acbr"));
     let chain = chain(&dir, &bridge, 73);
     let pod_ns = NamedNetns::new();
     let att = Attachment::pod(&pod_ns.path(), &shop, "reviews", &uid);
     let Err((idx, exec)) = chain.add(&att) else {
-        panic!("a refused annotation must fail the ADD\n{}", agent.log_text());
+        panic!(
+            "a refused annotation must fail the ADD\n{}",
+            agent.log_text()
+        );
     };
     assert_eq!(idx, 1, "our plugin failed, not the bridge: {exec:?}");
     let v = exec.assert_error(100);

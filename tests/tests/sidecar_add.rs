@@ -35,11 +35,7 @@ impl Node {
             &dir.0,
             &["--rules-backend", "iptables", "--verify-interval", "0"],
         );
-        let standin = Standin::start(
-            &dir.join("ztunnel.sock"),
-            &dir.join("standin.jsonl"),
-            &[],
-        );
+        let standin = Standin::start(&dir.join("ztunnel.sock"), &dir.join("standin.jsonl"), &[]);
         assert!(
             standin.wait_count("snapshot_sent", 1, LONG),
             "stand-in got no snapshot: {:?}",
@@ -181,9 +177,8 @@ fn sidecar_and_ambient_pods_side_by_side_each_get_their_own_capture() {
     }
     let node = Node::new(1);
     let (side, side_att, res) = node.add(injected("mesh", "reviews"));
-    let results = res.unwrap_or_else(|(i, e)| {
-        panic!("ADD plugin {i}: {e:?}\nagent: {}", node.agent.log_text())
-    });
+    let results = res
+        .unwrap_or_else(|(i, e)| panic!("ADD plugin {i}: {e:?}\nagent: {}", node.agent.log_text()));
     assert_eq!(results[1], results[0], "output is the prevResult");
     // Istio's rules, exactly (a namespace labelled ambient does not make it ambient).
     assert_istio_rules(&side, "basic");

@@ -405,7 +405,10 @@ mod tests {
         assert_eq!(sidecar_inputs(&t, &[]), sidecar_inputs(&full, &[]));
         let spec = serde_json::to_value(t.spec.unwrap()).unwrap();
         assert_eq!(spec["containers"][0], json!({"name": "app"}));
-        assert_eq!(spec["initContainers"][0], json!({"name": "istio-validation"}));
+        assert_eq!(
+            spec["initContainers"][0],
+            json!({"name": "istio-validation"})
+        );
         assert_eq!(
             spec["containers"][1],
             json!({"name": "istio-proxy", "args": ["proxy", "sidecar"],
