@@ -37,7 +37,10 @@ fn snapshot(ns: &NamedNetns) -> String {
         &["ip6tables-nft-save"],
         &["ip", "rule"],
         &["ip", "-6", "rule"],
+        &["ip", "route", "show", "table", "133"],
+        &["ip", "-6", "route", "show", "table", "133"],
     ] {
+        // A never-used route table is an error to show, an emptied one is empty: both "none".
         let out = ns.exec_stdin(cmd, "").unwrap_or_default();
         s.push_str(&format!(
             "== {}\n{}\n",
@@ -46,6 +49,13 @@ fn snapshot(ns: &NamedNetns) -> String {
         ));
     }
     s
+}
+
+/// [`snapshot`] plus the whole nf_tables ruleset (for the native backend; the chain order
+/// iptables-nft leaves differs between a replaced and a fresh netns, so not for iptables).
+fn snapshot_all(ns: &NamedNetns) -> String {
+    let nft = ns.exec(&["nft", "list", "ruleset"]);
+    format!("{}== nft\n{}\n", snapshot(ns), normalize::nft_list(&nft))
 }
 
 #[test]
@@ -57,7 +67,10 @@ fn sidecar_bad_annotations_are_refused_and_install_nothing() {
     let before = snapshot(&ns);
     let bad = [
         ("traffic.sidecar.istio.io/excludeInboundPorts", "80,http"),
-        ("traffic.sidecar.istio.io/includeOutboundIPRanges", "10.0.0.0/40"),
+        (
+            "traffic.sidecar.istio.io/includeOutboundIPRanges",
+            "10.0.0.0/40",
+        ),
         ("traffic.sidecar.istio.io/excludeInterfaces", "eth0,-x"),
         ("sidecar.istio.io/interceptionMode", "MAGIC"),
     ];
@@ -106,7 +119,9 @@ fn sidecar_failure_in_the_second_family_leaves_nothing() {
     dual.pod_ips.push("fd01::2".parse().unwrap());
     let dual = SidecarConfig::from_inputs(&dual).unwrap();
     assert!(!cfg.ipv6() && dual.ipv6());
-    let err = apply_iptables(&ipt, &ns.open(), &dual).unwrap_err().to_string();
+    let err = apply_iptables(&ipt, &ns.open(), &dual)
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains(&ns.path().display().to_string()) && err.contains("pod default/app"),
         "{err}"
@@ -129,6 +144,39 @@ fn sidecar_failure_in_the_second_family_leaves_nothing() {
 }
 
 #[test]
+fn sidecar_failing_tproxy_route_rolls_back_the_rules() {
+    if !root_or_skip("sidecar_failing_tproxy_route_rolls_back_the_rules") {
+        return;
+    }
+    for kind in BackendKind::ALL {
+        let ns = NamedNetns::new("scroute");
+        // With lo down the IPv6 local route is refused (ENETDOWN) after the rules went in.
+        ns.exec(&["ip", "link", "set", "lo", "down"]);
+        let before = snapshot_all(&ns);
+        let mut dual = inputs(
+            &[("sidecar.istio.io/interceptionMode", "TPROXY")],
+            &[("ISTIO_DUAL_STACK", "true")],
+            "10.1.0.2",
+        );
+        dual.pod_ips.push("fd01::2".parse().unwrap());
+        let cfg = SidecarConfig::from_inputs(&dual).unwrap();
+        let err = SidecarRedirector::new(kind)
+            .apply(&ns.open(), &cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&ns.name) && err.contains("table 133"),
+            "{kind}: {err}"
+        );
+        assert_eq!(
+            snapshot_all(&ns),
+            before,
+            "{kind}: failed apply left state: {err}"
+        );
+    }
+}
+
+#[test]
 fn sidecar_reapply_writes_nothing_and_a_new_config_replaces_the_old() {
     if !root_or_skip("sidecar_reapply_writes_nothing_and_a_new_config_replaces_the_old") {
         return;
@@ -140,7 +188,10 @@ fn sidecar_reapply_writes_nothing_and_a_new_config_replaces_the_old() {
     let other = SidecarConfig::from_inputs(&inputs(
         &[
             ("sidecar.istio.io/interceptionMode", "TPROXY"),
-            ("traffic.sidecar.istio.io/excludeOutboundIPRanges", "10.9.0.0/16"),
+            (
+                "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                "10.9.0.0/16",
+            ),
         ],
         &[("ISTIO_META_DNS_CAPTURE", "true")],
         "10.1.0.2",
@@ -187,4 +238,52 @@ fn sidecar_conflicting_chain_is_replaced() {
     let fresh = NamedNetns::new("scfresh");
     r.apply(&fresh.open(), &cfg).unwrap();
     assert_eq!(snapshot(&ns), snapshot(&fresh));
+}
+
+#[test]
+fn sidecar_nft_uses_its_own_tables_reapplies_as_a_no_op_and_replaces() {
+    if !root_or_skip("sidecar_nft_uses_its_own_tables_reapplies_as_a_no_op_and_replaces") {
+        return;
+    }
+    let r = SidecarRedirector::new(BackendKind::Nftables);
+    let ns = NamedNetns::new("scnft");
+    let pod = ns.open();
+    let dns = SidecarConfig::from_inputs(&inputs(
+        &[],
+        &[("ISTIO_META_DNS_CAPTURE", "true")],
+        "10.1.0.2",
+    ))
+    .unwrap();
+    assert_eq!(r.apply(&pod, &dns).unwrap(), Applied::Installed);
+    assert_eq!(
+        ns.exec(&["nft", "list", "tables"]),
+        "table ip istio-proxy-nat\ntable ip istio-proxy-raw\n"
+    );
+    assert!(r.matches(&pod, &dns).unwrap());
+
+    let writes = pod.run(|| KernelWrites::open_here(None)).unwrap().unwrap();
+    writes.drain().unwrap();
+    assert_eq!(r.apply(&pod, &dns).unwrap(), Applied::AlreadyPresent);
+    assert!(!writes.drain().unwrap(), "re-apply wrote to the kernel");
+
+    // TPROXY, dual stack: replaces the tables in one transaction; equals a fresh netns's.
+    let mut dual = inputs(
+        &[("sidecar.istio.io/interceptionMode", "TPROXY")],
+        &[("ISTIO_DUAL_STACK", "true")],
+        "10.1.0.2",
+    );
+    dual.pod_ips.push("fd01::2".parse().unwrap());
+    let dual = SidecarConfig::from_inputs(&dual).unwrap();
+    assert_eq!(r.apply(&pod, &dual).unwrap(), Applied::Installed);
+    assert!(r.matches(&pod, &dual).unwrap() && !r.matches(&pod, &dns).unwrap());
+    let fresh = NamedNetns::new("scnftfresh");
+    r.apply(&fresh.open(), &dual).unwrap();
+    let list = |n: &NamedNetns| normalize::nft_list(&n.exec(&["nft", "list", "ruleset"]));
+    assert_eq!(list(&ns), list(&fresh));
+    assert!(!list(&ns).contains("istio-ambient"));
+    assert!(
+        list(&ns).contains("table ip6 istio-proxy-mangle"),
+        "{}",
+        list(&ns)
+    );
 }

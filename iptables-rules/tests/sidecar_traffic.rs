@@ -76,7 +76,11 @@ fn inputs(ann: &[(&str, &str)], env: &[(&str, &str)], v6: bool) -> SidecarInputs
         proxy_env: map(env),
         proxy_uid: Some(i64::from(PROXY)),
         proxy_gid: Some(i64::from(PROXY)),
-        pod_ips: vec![if v6 { IpAddr::V6(POD6) } else { IpAddr::V4(POD4) }],
+        pod_ips: vec![if v6 {
+            IpAddr::V6(POD6)
+        } else {
+            IpAddr::V4(POD4)
+        }],
     }
 }
 
@@ -233,9 +237,9 @@ fn udp_lands(from: &Netns, dst: SocketAddr, on: &UdpSocket) -> bool {
     on.recv_from(&mut buf).is_ok()
 }
 
-/// The sidecar backends to run (the native nftables one is not there yet: skipped loudly).
+/// The sidecar backends to run: both.
 fn backends() -> Vec<BackendKind> {
-    vec![BackendKind::Iptables]
+    BackendKind::ALL.to_vec()
 }
 
 /// REDIRECT mode, one family: outbound to 15001 with its original destination, the
@@ -279,12 +283,18 @@ fn redirect_case(kind: BackendKind, v6: bool) {
 
     // The proxy's own outbound goes out as it is.
     let _c = as_proxy(&t.pod, || connect_here(SocketAddr::new(peer, 80), None)).unwrap();
-    assert!(accepted(&peer80).is_some(), "{tag}: proxy outbound not direct");
+    assert!(
+        accepted(&peer80).is_some(),
+        "{tag}: proxy outbound not direct"
+    );
     assert!(none_pending(&out15001), "{tag}");
 
     // An excluded port goes direct.
     let _c = connect(&t.pod, SocketAddr::new(peer, 9090)).unwrap();
-    assert!(accepted(&peer9090).is_some(), "{tag}: excluded port captured");
+    assert!(
+        accepted(&peer9090).is_some(),
+        "{tag}: excluded port captured"
+    );
     assert!(none_pending(&out15001), "{tag}");
 
     if !v6 {
@@ -361,10 +371,7 @@ fn sidecar_tproxy_inbound_reaches_15006() {
             routes.contains("local default dev lo"),
             "{kind}: no TPROXY route: {routes}"
         );
-        let in15006 = t
-            .pod
-            .run(|| listen_here(any(false, 15006), true))
-            .unwrap();
+        let in15006 = t.pod.run(|| listen_here(any(false, 15006), true)).unwrap();
         let app8080 = listen(&t.pod, any(false, 8080));
         let dst = SocketAddr::new(IpAddr::V4(POD4), 8080);
         let _c = connect(&t.peer, dst).unwrap();

@@ -14,35 +14,43 @@ use crate::normalize::sort_save_lines;
 /// Per table (sorted): `:CHAIN` declarations and `-A` lines in save form.
 pub type TableLines = Vec<(String, Vec<String>)>;
 
+/// Each chain of `table` with its rules' parameters in kernel order (inserts resolved),
+/// chains in order of first use.
+pub fn chain_contents(rules: &[Rule], table: &str) -> Vec<(String, Vec<Vec<String>>)> {
+    let mut chains: Vec<(String, Vec<Vec<String>>)> = Vec::new();
+    for r in rules.iter().filter(|r| r.table == table) {
+        let idx = match chains.iter().position(|(c, _)| c == r.chain) {
+            Some(i) => i,
+            None => {
+                chains.push((r.chain.to_owned(), Vec::new()));
+                chains.len() - 1
+            }
+        };
+        let list = &mut chains[idx].1;
+        match r.op {
+            Op::Append => list.push(r.params.clone()),
+            Op::Insert(pos) => list.insert(pos.saturating_sub(1).min(list.len()), r.params.clone()),
+        }
+    }
+    chains
+}
+
 /// The state `rules` leave in a fresh netns, as [`state_from_save`] reads it.
 pub fn expected_state(rules: &[Rule], family: Family) -> TableLines {
     let decls = declared_chains(rules);
     let mut out = Vec::new();
     for table in TABLES {
-        // Resolve inserts: chain contents in kernel order.
-        let mut chains: Vec<(&str, Vec<String>)> = Vec::new();
-        for r in rules.iter().filter(|r| r.table == table) {
-            let idx = match chains.iter().position(|(c, _)| *c == r.chain) {
-                Some(i) => i,
-                None => {
-                    chains.push((r.chain, Vec::new()));
-                    chains.len() - 1
-                }
-            };
-            let line = save_params(&r.params, family);
-            let list = &mut chains[idx].1;
-            match r.op {
-                Op::Append => list.push(line),
-                Op::Insert(pos) => list.insert(pos.saturating_sub(1).min(list.len()), line),
-            }
-        }
         let mut lines: Vec<String> = decls
             .iter()
             .filter(|(t, _)| *t == table)
             .map(|(_, c)| format!(":{c}"))
             .collect();
-        for (chain, rules) in chains {
-            lines.extend(rules.into_iter().map(|p| format!("-A {chain} {p}")));
+        for (chain, rules) in chain_contents(rules, table) {
+            lines.extend(
+                rules
+                    .iter()
+                    .map(|p| format!("-A {chain} {}", save_params(p, family))),
+            );
         }
         if !lines.is_empty() {
             out.push((table.to_owned(), sort_save_lines(lines)));

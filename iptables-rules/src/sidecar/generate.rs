@@ -132,7 +132,14 @@ impl Builder {
     }
 
     /// A rule whose [`IP`] placeholder is `v4` in IPv4 and `v6` in IPv6.
-    fn versioned(&mut self, v4: &str, v6: &str, table: &'static str, chain: &'static str, p: &[&str]) {
+    fn versioned(
+        &mut self,
+        v4: &str,
+        v6: &str,
+        table: &'static str,
+        chain: &'static str,
+        p: &[&str],
+    ) {
         for (fam, ip) in [(Family::V4, v4), (Family::V6, v6)] {
             let p: Vec<&str> = p.iter().map(|s| if *s == IP { ip } else { s }).collect();
             self.push(fam, table, chain, Op::Append, &p);
@@ -235,8 +242,24 @@ pub fn rules(cfg: &SidecarConfig) -> (Vec<Rule>, Vec<Rule>) {
                 "nat",
                 ISTIO_OUTPUT,
                 &[
-                    "-o", "lo", "!", "-d", IP, "-p", "tcp", "-m", "multiport", "!", "--dports",
-                    &dports, "-m", "owner", owner, id, "-j", ISTIO_IN_REDIRECT,
+                    "-o",
+                    "lo",
+                    "!",
+                    "-d",
+                    IP,
+                    "-p",
+                    "tcp",
+                    "-m",
+                    "multiport",
+                    "!",
+                    "--dports",
+                    &dports,
+                    "-m",
+                    "owner",
+                    owner,
+                    id,
+                    "-j",
+                    ISTIO_IN_REDIRECT,
                 ],
             );
         } else {
@@ -246,8 +269,22 @@ pub fn rules(cfg: &SidecarConfig) -> (Vec<Rule>, Vec<Rule>) {
                 "nat",
                 ISTIO_OUTPUT,
                 &[
-                    "-o", "lo", "!", "-d", IP, "-p", "tcp", "!", "--dport", &tunnel, "-m",
-                    "owner", owner, id, "-j", ISTIO_IN_REDIRECT,
+                    "-o",
+                    "lo",
+                    "!",
+                    "-d",
+                    IP,
+                    "-p",
+                    "tcp",
+                    "!",
+                    "--dport",
+                    &tunnel,
+                    "-m",
+                    "owner",
+                    owner,
+                    id,
+                    "-j",
+                    ISTIO_IN_REDIRECT,
                 ],
             );
         }
@@ -311,14 +348,31 @@ pub fn rules(cfg: &SidecarConfig) -> (Vec<Rule>, Vec<Rule>) {
             "mangle",
             "PREROUTING",
             &[
-                "-p", "tcp", "-m", "mark", "--mark", &tproxy_mark, "-j", "CONNMARK", "--save-mark",
+                "-p",
+                "tcp",
+                "-m",
+                "mark",
+                "--mark",
+                &tproxy_mark,
+                "-j",
+                "CONNMARK",
+                "--save-mark",
             ],
         );
         b.append(
             "mangle",
             "OUTPUT",
             &[
-                "-p", "tcp", "-o", "lo", "-m", "mark", "--mark", &tproxy_mark, "-j", "RETURN",
+                "-p",
+                "tcp",
+                "-o",
+                "lo",
+                "-m",
+                "mark",
+                "--mark",
+                &tproxy_mark,
+                "-j",
+                "RETURN",
             ],
         );
         for (owner, id) in [("--uid-owner", &uid), ("--gid-owner", &gid)] {
@@ -328,8 +382,21 @@ pub fn rules(cfg: &SidecarConfig) -> (Vec<Rule>, Vec<Rule>) {
                 "mangle",
                 "OUTPUT",
                 &[
-                    "!", "-d", IP, "-p", "tcp", "-o", "lo", "-m", "owner", owner, id, "-j", "MARK",
-                    "--set-mark", &outbound_mark,
+                    "!",
+                    "-d",
+                    IP,
+                    "-p",
+                    "tcp",
+                    "-o",
+                    "lo",
+                    "-m",
+                    "owner",
+                    owner,
+                    id,
+                    "-j",
+                    "MARK",
+                    "--set-mark",
+                    &outbound_mark,
                 ],
             );
         }
@@ -352,7 +419,16 @@ pub fn rules(cfg: &SidecarConfig) -> (Vec<Rule>, Vec<Rule>) {
             "mangle",
             ISTIO_INBOUND,
             1,
-            &["-p", "tcp", "-m", "mark", "--mark", &tproxy_mark, "-j", "RETURN"],
+            &[
+                "-p",
+                "tcp",
+                "-m",
+                "mark",
+                "--mark",
+                &tproxy_mark,
+                "-j",
+                "RETURN",
+            ],
         );
         for (fam, src) in [(Family::V4, INBOUND_SRC_V4), (Family::V6, INBOUND_SRC_V6)] {
             b.push(
@@ -402,7 +478,16 @@ fn inbound(b: &mut Builder, cfg: &SidecarConfig, tproxy: bool) {
             "mangle",
             ISTIO_TPROXY,
             &[
-                "!", "-d", IP, "-p", "tcp", "-j", "TPROXY", "--tproxy-mark", &tmark, "--on-port",
+                "!",
+                "-d",
+                IP,
+                "-p",
+                "tcp",
+                "-j",
+                "TPROXY",
+                "--tproxy-mark",
+                &tmark,
+                "--on-port",
                 &port,
             ],
         );
@@ -438,7 +523,11 @@ fn inbound(b: &mut Builder, cfg: &SidecarConfig, tproxy: bool) {
                 );
                 b.append("mangle", ISTIO_INBOUND, &["-p", "tcp", "-j", ISTIO_TPROXY]);
             } else {
-                b.append("nat", ISTIO_INBOUND, &["-p", "tcp", "-j", ISTIO_IN_REDIRECT]);
+                b.append(
+                    "nat",
+                    ISTIO_INBOUND,
+                    &["-p", "tcp", "-j", ISTIO_IN_REDIRECT],
+                );
             }
         }
         Inbound::Ports(ports) => {
@@ -487,19 +576,39 @@ fn dns_capture(b: &mut Builder, uid: &str, gid: &str) {
     b.append(
         "nat",
         ISTIO_OUTPUT_DNS,
-        &["-p", "tcp", "--dport", "53", "-j", "REDIRECT", "--to-ports", &port],
+        &[
+            "-p",
+            "tcp",
+            "--dport",
+            "53",
+            "-j",
+            "REDIRECT",
+            "--to-ports",
+            &port,
+        ],
     );
     b.append(
         "nat",
         ISTIO_OUTPUT_DNS,
-        &["-p", "udp", "--dport", "53", "-j", "REDIRECT", "--to-port", &port],
+        &[
+            "-p",
+            "udp",
+            "--dport",
+            "53",
+            "-j",
+            "REDIRECT",
+            "--to-port",
+            &port,
+        ],
     );
     // Conntrack zones keep the proxy's upstream DNS apart from the app's captured DNS.
     for (owner, id) in [("--uid-owner", uid), ("--gid-owner", gid)] {
         b.append(
             "raw",
             ISTIO_OUTPUT_DNS,
-            &["-p", "udp", "--dport", "53", "-m", "owner", owner, id, "-j", "CT", "--zone", "1"],
+            &[
+                "-p", "udp", "--dport", "53", "-m", "owner", owner, id, "-j", "CT", "--zone", "1",
+            ],
         );
         b.append(
             "raw",
@@ -526,7 +635,13 @@ fn dns_capture(b: &mut Builder, uid: &str, gid: &str) {
 fn outbound_include(b: &mut Builder, cfg: &SidecarConfig, fam: Family) {
     match &cfg.include_outbound {
         OutboundRanges::All => {
-            b.push(fam, "nat", ISTIO_OUTPUT, Op::Append, &["-j", ISTIO_REDIRECT]);
+            b.push(
+                fam,
+                "nat",
+                ISTIO_OUTPUT,
+                Op::Append,
+                &["-j", ISTIO_REDIRECT],
+            );
             for ifc in &cfg.reroute_virtual_interfaces {
                 b.push(
                     fam,

@@ -7,7 +7,8 @@
 //!
 //! Files: [`params`] (pure parsing and validation), [`generate`] (pure rule generation,
 //! Istio's restore payload), [`canon`] (pure save form, for "already installed"),
-//! [`apply`] (iptables effects), [`route`] (TPROXY's policy route).
+//! [`apply`] (iptables effects), [`nft`] (pure nftables form), [`nft_apply`] (its
+//! effects), [`route`] (TPROXY's policy route).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -22,6 +23,8 @@ use crate::netns::Netns;
 pub mod apply;
 pub mod canon;
 pub mod generate;
+pub mod nft;
+pub mod nft_apply;
 pub mod params;
 pub mod route;
 
@@ -38,7 +41,7 @@ pub struct SidecarInputs {
     pub proxy_uid: Option<i64>,
     /// `istio-proxy` `securityContext.runAsGroup` (1337 when unset or 0).
     pub proxy_gid: Option<i64>,
-    /// The pod's addresses in prevResult order (the IPv6 decision reads them).
+    /// The pod's addresses (from prevResult; the IPv6 decision reads them, order aside).
     pub pod_ips: Vec<IpAddr>,
 }
 
@@ -132,12 +135,7 @@ impl SidecarConfig {
 
     /// One line for logs and Events (mode, owner, ranges, ports).
     pub fn summary(&self) -> String {
-        let join = |v: &[u16]| {
-            v.iter()
-                .map(u16::to_string)
-                .collect::<Vec<_>>()
-                .join(",")
-        };
+        let join = |v: &[u16]| v.iter().map(u16::to_string).collect::<Vec<_>>().join(",");
         let inbound = match &self.include_inbound {
             Inbound::All => "*".to_owned(),
             Inbound::Ports(p) => join(p),
@@ -229,14 +227,6 @@ fn iptables() -> Result<&'static Iptables, RulesError> {
         })
 }
 
-fn nft_not_yet(ns: &Netns, cfg: &SidecarConfig) -> RulesError {
-    RulesError::NotAvailable {
-        backend: "nftables".into(),
-        reason: "sidecar redirection is implemented for the iptables backend only".into(),
-    }
-    .in_netns(&format!("{} (pod {})", ns.label(), cfg.pod))
-}
-
 /// Installs sidecar rules with one backend.
 #[derive(Debug, Clone, Copy)]
 pub struct SidecarRedirector {
@@ -244,8 +234,13 @@ pub struct SidecarRedirector {
 }
 
 impl SidecarRedirector {
-    /// A redirector for `kind`.
+    /// A redirector for `kind`. For iptables this detects the flavour now (once per
+    /// process), so call it at start in the host netns, not first on a pod's ADD.
     pub fn new(kind: BackendKind) -> Self {
+        if kind == BackendKind::Iptables {
+            // A detection failure is reported by every apply/matches.
+            let _ = iptables();
+        }
         Self { kind }
     }
 
@@ -259,7 +254,7 @@ impl SidecarRedirector {
     pub fn apply(&self, ns: &Netns, cfg: &SidecarConfig) -> Result<Applied, RulesError> {
         match self.kind {
             BackendKind::Iptables => apply::apply_iptables(iptables()?, ns, cfg),
-            BackendKind::Nftables => Err(nft_not_yet(ns, cfg)),
+            BackendKind::Nftables => nft_apply::apply_nft(ns, cfg),
         }
     }
 
@@ -267,7 +262,7 @@ impl SidecarRedirector {
     pub fn matches(&self, ns: &Netns, cfg: &SidecarConfig) -> Result<bool, RulesError> {
         match self.kind {
             BackendKind::Iptables => apply::matches_iptables(iptables()?, ns, cfg),
-            BackendKind::Nftables => Err(nft_not_yet(ns, cfg)),
+            BackendKind::Nftables => nft_apply::matches_nft(ns, cfg),
         }
     }
 }

@@ -100,12 +100,19 @@ pub fn install(ipv6: bool) -> Result<(), RulesError> {
                 })?;
             }
             if !route {
-                h.route().add(route_msg(f)).replace().execute().await.map_err(|e| {
-                    nl_err(
-                        format!("add {f:?} local default route dev lo table {TPROXY_ROUTE_TABLE}"),
-                        e,
-                    )
-                })?;
+                h.route()
+                    .add(route_msg(f))
+                    .replace()
+                    .execute()
+                    .await
+                    .map_err(|e| {
+                        nl_err(
+                            format!(
+                                "add {f:?} local default route dev lo table {TPROXY_ROUTE_TABLE}"
+                            ),
+                            e,
+                        )
+                    })?;
             }
         }
         Ok(())
