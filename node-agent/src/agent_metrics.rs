@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use crate::mesh::metrics::{EnrolMetrics, ReconcileMetrics};
+use crate::mesh::sidecar_metrics::SidecarMetrics;
 use crate::obs::fallbacks::FallbackMetrics;
 use crate::obs::installer::InstallMetrics;
 use crate::obs::metrics::{Metrics, Registry};
@@ -28,6 +29,8 @@ pub struct AgentMetrics {
     pub fallbacks: Arc<FallbackMetrics>,
     /// The drift verifier's.
     pub verify: Arc<VerifyMetrics>,
+    /// Sidecar mode's.
+    pub sidecar: Arc<SidecarMetrics>,
 }
 
 impl AgentMetrics {
@@ -40,6 +43,7 @@ impl AgentMetrics {
         let install = Arc::new(InstallMetrics::new(&mut r));
         let fallbacks = Arc::new(FallbackMetrics::new(&mut r));
         let verify = Arc::new(VerifyMetrics::new(&mut r));
+        let sidecar = Arc::new(SidecarMetrics::new(&mut r));
         Self {
             exposition: Arc::new(Metrics::new(r)),
             plugin,
@@ -48,6 +52,7 @@ impl AgentMetrics {
             install,
             fallbacks,
             verify,
+            sidecar,
         }
     }
 }
@@ -101,6 +106,8 @@ mod tests {
             ("ambient_cni_verify_pass_seconds", "histogram"),
             ("ambient_cni_drift_watched_pods", "gauge"),
             ("ambient_cni_drift_notifications", "counter"),
+            ("ambient_cni_sidecar_adds", "counter"),
+            ("ambient_cni_sidecar_add_duration_seconds", "histogram"),
         ];
         let got: Vec<(&str, &str)> = e
             .families
@@ -142,6 +149,10 @@ mod tests {
         m.install.set_ready(true);
         m.fallbacks.add(2, 1);
         m.verify.repaired(iptables_rules::drift::DriftKind::Rules);
+        m.sidecar.add(
+            crate::mesh::sidecar_metrics::result::PROGRAMMED,
+            Duration::from_millis(4),
+        );
         let e = scrape(&m);
         let v = |n: &str, l: &[(&str, &str)]| e.value(n, l).unwrap_or_else(|| panic!("{n} {l:?}"));
         assert_eq!(
@@ -271,6 +282,21 @@ mod tests {
         assert_eq!(
             v("ambient_cni_verifications_total", &[("result", "clean")]),
             0.0
+        );
+        assert_eq!(
+            v(
+                "ambient_cni_sidecar_adds_total",
+                &[("result", "programmed")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            v("ambient_cni_sidecar_adds_total", &[("result", "invalid")]),
+            0.0
+        );
+        assert_eq!(
+            v("ambient_cni_sidecar_add_duration_seconds_count", &[]),
+            1.0
         );
     }
 }

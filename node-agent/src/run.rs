@@ -52,6 +52,7 @@ pub fn policy_from(args: &RunArgs) -> anyhow::Result<Policy> {
             probe_snat_v6: args.host_probe_snat_ipv6,
             ..InpodConfig::default()
         },
+        sidecar_mode: args.sidecar_mode,
     })
 }
 
@@ -106,6 +107,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     };
     let redirector = Arc::new(redirector_from(args.rules_backend)?);
     info!(backend = %redirector.kind(), "in-pod rules backend");
+    let backend_kind = redirector.kind();
     let source: Arc<dyn PodSource> = match args.pod_source {
         PodSourceKind::Local => {
             let dir = args
@@ -136,6 +138,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         PodSourceKind::Local => None,
     };
     let all_metrics = crate::agent_metrics::AgentMetrics::new();
+    let sidecar_status: Arc<dyn crate::mesh::hooks::StatusWriter> = match &status_queue {
+        Some(q) => q.clone(),
+        None => Arc::new(NoStatus),
+    };
     let enroller = Arc::new(Enroller::new(
         table,
         Effects {
@@ -155,6 +161,12 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let sampled = enroller.clone();
     metrics.on_scrape(move || sampled.sample_metrics());
     let controller = Controller::new(policy, enroller, source, all_metrics.reconcile.clone());
+    controller.set_sidecar(Arc::new(crate::mesh::sidecar::SidecarPath::new(
+        backend_kind,
+        Arc::new(HostNetns::new(args.host_proc.clone(), host)),
+        sidecar_status,
+        all_metrics.sidecar.clone(),
+    )));
     let readiness = crate::obs::health::Readiness::agent();
     let ctl = controller.clone();
     readiness.check(crate::obs::health::POD_SOURCE_SYNCED, move || {
