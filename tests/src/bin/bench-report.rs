@@ -73,6 +73,10 @@ fn benches(root: &Path) -> Vec<Bench> {
         },
     ];
     v.extend(drift_benches());
+    v.push(Bench {
+        title: "Sidecar mode: ADD of an injected pod (`sidecar_add`)",
+        args: vec!["bench", "-p", "ambient-cni-tests", "--bench", "sidecar_add"],
+    });
     // Interop with a real ztunnel only where the bench exists and ztunnel is given.
     if root.join("tests/benches/interop_add.rs").exists()
         && std::env::var_os("ZTUNNEL_BIN").is_some()
