@@ -43,9 +43,7 @@ impl ProbeSet for NftProbeSet {
     }
 
     fn resync(&self, held: &[(String, Vec<IpAddr>)]) -> Result<(), String> {
-        for (uid, ips) in held {
-            self.upsert(uid, ips)?;
-        }
+        self.inner.upsert_all(held).map_err(|e| e.to_string())?;
         let keep: Vec<IpAddr> = held
             .iter()
             .flat_map(|(_, ips)| ips.iter().copied())
