@@ -314,10 +314,7 @@ impl RouteSock {
                 Some(0) | None => {}
                 Some(e) if r.fine.contains(&e) => {}
                 Some(e) => {
-                    return Err(nl_err(
-                        r.what.clone(),
-                        std::io::Error::from_raw_os_error(e),
-                    ))
+                    return Err(nl_err(r.what.clone(), std::io::Error::from_raw_os_error(e)))
                 }
             }
         }

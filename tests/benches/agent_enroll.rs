@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use ambient_cni_tests::*;
 use serde_json::json;
 
-use ambient_cni_tests::bench::{add, pct, phase_table, plugin_conf, pods_from_env, verdict};
+use ambient_cni_tests::bench::{
+    add, pct, phase_table, phases, plugin_conf, pods_from_env, verdict, where_time_goes,
+};
 
 fn rss_mib(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -30,11 +32,11 @@ struct Setup {
 }
 
 impl Setup {
-    /// The agent's per-phase ADD table (its own clock), scraped from its `/metrics`.
-    fn phases(&self) -> String {
+    /// The agent's `/metrics` text (empty when it does not answer).
+    fn metrics_text(&self) -> String {
         match http::get(self.metrics, "/metrics", Duration::from_secs(5)) {
-            Ok((200, body)) => phase_table(&body),
-            _ => phase_table(""),
+            Ok((200, body)) => body,
+            _ => String::new(),
         }
     }
 }
@@ -146,7 +148,7 @@ fn main() {
     let mut nft_rss = 0.0;
     let mut idle_rss = 0.0;
     let mut nft_p50 = 0.0;
-    let mut phases = Vec::new();
+    let mut tables = Vec::new();
     for backend in ["nftables", "iptables"] {
         let s = setup(backend, n);
         if backend == "nftables" {
@@ -172,7 +174,14 @@ fn main() {
             nft_rss = rss_mib(s.agent.pid());
             nft_p50 = p50;
         }
-        phases.push((backend, s.phases()));
+        let text = s.metrics_text();
+        let goes = where_time_goes(
+            &format!("{backend}, local source, stand-in"),
+            p50,
+            rows[0].1,
+            &phases(&text).unwrap_or_default(),
+        );
+        tables.push((backend, phase_table(&text), goes));
         drop(s);
     }
 
@@ -227,8 +236,12 @@ fn main() {
         verdict(rss_250, 16.0)
     );
     drop(s);
-    for (backend, table) in phases {
+    for (backend, table, _) in &tables {
         println!("\nour ADD's phases, {backend}, local pod source, stand-in (the agent's own clock, `ambient_cni_add_phase_seconds`):\n");
         print!("{table}");
+    }
+    println!("\nWhere the time goes (same run):\n");
+    for (_, _, goes) in &tables {
+        println!("- {goes}");
     }
 }
