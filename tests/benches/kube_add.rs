@@ -561,6 +561,29 @@ fn istio_path(
     (totals, steps)
 }
 
+/// The rules phase's floor, measured alone in the same run: entering a fresh netns and
+/// installing the agent's default in-pod rules (IPv4 + IPv6, DNS on) and policy route with
+/// `kind`, as the agent does, without the agent around it. p50 in ms.
+fn rules_alone(kind: iptables_rules::backend::BackendKind, n: usize) -> f64 {
+    let Ok(b) = iptables_rules::backend::make(kind) else {
+        return f64::NAN;
+    };
+    let r = iptables_rules::redirector::Redirector::new(b);
+    let cfg = InpodConfig {
+        ipv6: true,
+        ..InpodConfig::default()
+    };
+    let mut v = Vec::with_capacity(n);
+    for _ in 0..n {
+        let ns = NamedNetns::new();
+        let pod_ns = Netns::open(Path::new(&ns.path()), None).expect("open netns");
+        let t = Instant::now();
+        r.apply(&pod_ns, &cfg).expect("apply rules alone");
+        v.push(t.elapsed());
+    }
+    pct(&v, 50)
+}
+
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -595,6 +618,9 @@ fn main() {
     let (i50, i99) = (pct(&istio, 50), pct(&istio, 99));
     let nft = ours(&c, &zt, "nftables", "n", n);
     let ipt = ours(&c, &zt, "iptables", "t", n);
+    let nft_alone = rules_alone(iptables_rules::backend::BackendKind::Nftables, 50);
+    let ipt_alone = rules_alone(iptables_rules::backend::BackendKind::Iptables, 50);
+    let zds_alone = pct(&steps[4].1, 50);
 
     println!("captured-pod ADD, {n} pods sequential, pods in a real kube-apiserver (v1.20.2), stock ztunnel acking; agent on `--pod-source kube`\n");
     println!("| path | p50 ms | p99 ms | p50 over /bin/true | Istio's path ÷ this at p50 | target | verdict |");
@@ -664,31 +690,34 @@ fn main() {
     };
     if n50 - t50 > 1.0 || n99 - t99 > 2.5 {
         println!(
-            "- nftables target NOT met: over the exec floor, ztunnel's ack alone is {:.2} ms at p50 \
-             (stock ztunnel's own work on AddWorkload: its phase, not ours) and the rules {:.2} ms \
-             (a thread entering the pod netns + one nf_tables transaction + one route datagram; \
-             the transaction alone is in `nft_apply`); the p99 is the shared machine's scheduling \
+            "- nftables target NOT met. ztunnel's ack is {:.2} ms at p50 in our ADD and {zds_alone:.2} ms \
+             measured alone (Istio's path above: our own ZDS peer, no agent): stock ztunnel's work \
+             on AddWorkload, paid by any CNI. The rules are {:.2} ms in our ADD and {nft_alone:.2} ms \
+             measured alone (a thread entering a fresh netns + one nf_tables transaction for IPv4 \
+             and IPv6 + one route datagram; two netlink families, so two round trips). Those two \
+             alone are {:.2} ms of the 1.0 ms allowed; the p99 is the shared machine's scheduling \
              (1-minute load in the section header).",
             phase(&nft, "ztunnel"),
-            phase(&nft, "rules")
+            phase(&nft, "rules"),
+            zds_alone + nft_alone
         );
     }
     if pct(&ipt.times, 50) > 4.0 {
         println!(
-            "- iptables target NOT met: its rules phase is {:.2} ms at p50: with IPv6 on, one \
-             `iptables-restore` exec per family (a fresh pod's `*-save` is skipped); one \
-             restore alone is in `apply` (\"ours iptables-nft, rules only\").",
+            "- iptables target NOT met: its rules phase is {:.2} ms at p50, and {ipt_alone:.2} ms \
+             measured alone: with IPv6 on, one `iptables-restore` exec per family (a fresh pod's \
+             `*-save` is skipped; running both families at once was slower here: iptables-nft \
+             commits serialise per netns and retry on a changed generation).",
             phase(&ipt, "rules")
         );
     }
     if i50 / n50 < 10.0 {
         println!(
             "- ratio to Istio's path NOT met: Istio's path is {i50:.2} ms here, so 10x needs ours at \
-             {:.2} ms; the exec floor and ztunnel's ack, which both paths pay, are {:.2} ms of that \
-             already, leaving {:.2} ms for the plugin, the agent's UDS + gRPC round trip and the rules.",
+             {:.2} ms; the exec floor and ztunnel's ack measured alone, which both paths pay, are \
+             {:.2} ms of that, and our rules alone {nft_alone:.2} ms more.",
             i50 / 10.0,
-            t50 + phase(&nft, "ztunnel"),
-            i50 / 10.0 - t50 - phase(&nft, "ztunnel")
+            t50 + zds_alone
         );
     }
     drop(c);
