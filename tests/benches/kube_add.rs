@@ -307,11 +307,18 @@ fn ours(c: &Cluster, zt_bin: &Path, backend: &str, prefix: &str, n: usize) -> Ou
         "ztunnel not ready:\n{}",
         z.log_text()
     );
-    let conf = plugin_conf(&agent.socket);
+    let conf: serde_json::Value =
+        serde_json::from_str(&plugin_conf(&agent.socket)).expect("plugin conf");
     let netns: Vec<NamedNetns> = pods.iter().map(|_| NamedNetns::new()).collect();
     let mut times = Vec::with_capacity(n);
     for ((name, uid), ns) in pods.iter().zip(&netns) {
-        let out = add_in(&conf, &c.ns, ns, name, uid);
+        // Each pod its own IP, as on a node: the host probe set then adds an element per pod
+        // instead of replacing one shared element's owner.
+        let mut conf = conf.clone();
+        let i = times.len();
+        conf["prevResult"]["ips"][0]["address"] =
+            format!("10.97.{}.{}/16", i / 250, i % 250 + 2).into();
+        let out = add_in(&conf.to_string(), &c.ns, ns, name, uid);
         assert_eq!(out.code, 0, "{} {}", out.stdout, agent.log_text());
         times.push(out.elapsed);
     }
