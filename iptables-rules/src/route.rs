@@ -1,16 +1,16 @@
 //! The policy route that delivers ztunnel's marked replies locally (reference §4.3):
 //! `local 0.0.0.0/0 dev lo table 100` (+ `::/0`) and `fwmark 0x111/0xfff pref 32764 lookup 100`.
 //!
-//! Runs on a thread already inside the target netns. rtnetlink needs a tokio runtime;
-//! a current-thread runtime is built here, on this thread, so the netlink socket is
-//! created in this netns (a shared runtime's sockets would live in the agent's netns).
+//! Runs on a thread already inside the target netns, on a blocking NETLINK_ROUTE socket
+//! opened there: an install or a removal is one datagram carrying every request, and one
+//! ACK per request (no async runtime to build per pod).
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
 use rtnetlink::packet_route::route::{RouteAttribute, RouteMessage, RouteScope, RouteType};
 use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute, RuleMessage};
 use rtnetlink::packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::{Handle, RouteMessageBuilder};
+use rtnetlink::RouteMessageBuilder;
 
 use crate::constants::{INPOD_TPROXY_MARK, INPOD_TPROXY_MASK, ROUTE_TABLE, RULE_PREF};
 use crate::error::RulesError;
@@ -74,7 +74,7 @@ const NETLINK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Runs `f` with a netlink handle on a current-thread runtime created on this thread.
 pub(crate) fn with_handle<T, F, Fut>(f: F) -> Result<T, RulesError>
 where
-    F: FnOnce(Handle) -> Fut,
+    F: FnOnce(rtnetlink::Handle) -> Fut,
     Fut: std::future::Future<Output = Result<T, RulesError>>,
 {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -142,81 +142,73 @@ fn fam_name(f: Family) -> &'static str {
     }
 }
 
+/// One request of an install or removal: its flags, message, what it does (for errors) and
+/// the errnos that mean "already as wanted".
+struct Req {
+    flags: u16,
+    msg: RouteNetlinkMessage,
+    what: String,
+    fine: &'static [i32],
+}
+
 /// Installs the route(s) and rule(s); existing identical ones are kept.
 pub fn install(ipv6: bool) -> Result<(), RulesError> {
+    use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
     let v6_route = ipv6_route_wanted(ipv6);
-    with_handle(|h| async move {
-        let mut fams = vec![Family::V4];
-        if ipv6 {
-            fams.push(Family::V6);
+    let mut reqs = Vec::new();
+    let fams: &[Family] = if ipv6 {
+        &[Family::V4, Family::V6]
+    } else {
+        &[Family::V4]
+    };
+    for &f in fams {
+        if f == Family::V4 || v6_route {
+            reqs.push(Req {
+                flags: NLM_F_CREATE | NLM_F_REPLACE,
+                msg: RouteNetlinkMessage::NewRoute(route_msg(f)),
+                what: format!(
+                    "replace local {} route dev lo table {ROUTE_TABLE}",
+                    fam_name(f)
+                ),
+                fine: &[],
+            });
         }
-        for f in fams {
-            if f == Family::V4 || v6_route {
-                h.route()
-                    .add(route_msg(f))
-                    .replace()
-                    .execute()
-                    .await
-                    .map_err(|e| {
-                        nl_err(
-                            format!(
-                                "replace local {} route dev lo table {ROUTE_TABLE}",
-                                fam_name(f)
-                            ),
-                            e,
-                        )
-                    })?;
-            }
-            let mut req = h.rule().add();
-            *req.message_mut() = rule_msg(f);
-            match req.execute().await {
-                Ok(()) => {}
-                Err(e) if errno(&e) == Some(libc::EEXIST) => {}
-                Err(e) => {
-                    return Err(nl_err(
-                        format!(
-                            "add {} rule fwmark 0x111/0xfff pref {RULE_PREF} lookup {ROUTE_TABLE}",
-                            fam_name(f)
-                        ),
-                        e,
-                    ))
-                }
-            }
-        }
-        Ok(())
-    })
+        reqs.push(Req {
+            flags: NLM_F_CREATE | NLM_F_EXCL,
+            msg: RouteNetlinkMessage::NewRule(rule_msg(f)),
+            what: format!(
+                "add {} rule fwmark 0x111/0xfff pref {RULE_PREF} lookup {ROUTE_TABLE}",
+                fam_name(f)
+            ),
+            fine: &[libc::EEXIST],
+        });
+    }
+    RouteSock::open()?.transact(reqs)
 }
 
 /// Deletes exactly our route(s) and rule(s), both families; absent ones are fine.
 pub fn remove() -> Result<(), RulesError> {
-    with_handle(|h| async move {
-        for f in [Family::V4, Family::V6] {
-            match h.rule().del(rule_msg(f)).execute().await {
-                Ok(()) => {}
-                Err(e)
-                    if matches!(
-                        errno(&e),
-                        Some(libc::ENOENT | libc::ESRCH | libc::EAFNOSUPPORT)
-                    ) => {}
-                Err(e) => return Err(nl_err(format!("delete {} fwmark rule", fam_name(f)), e)),
-            }
-            match h.route().del(route_msg(f)).execute().await {
-                Ok(()) => {}
-                Err(e)
-                    if matches!(
-                        errno(&e),
-                        Some(libc::ENOENT | libc::ESRCH | libc::EAFNOSUPPORT | libc::EOPNOTSUPP)
-                    ) => {}
-                Err(e) => {
-                    return Err(nl_err(
-                        format!("delete {} local route table {ROUTE_TABLE}", fam_name(f)),
-                        e,
-                    ))
-                }
-            }
-        }
-        Ok(())
-    })
+    let mut reqs = Vec::new();
+    for f in [Family::V4, Family::V6] {
+        reqs.push(Req {
+            flags: 0,
+            msg: RouteNetlinkMessage::DelRule(rule_msg(f)),
+            what: format!("delete {} fwmark rule", fam_name(f)),
+            fine: &[libc::ENOENT, libc::ESRCH, libc::EAFNOSUPPORT],
+        });
+        reqs.push(Req {
+            flags: 0,
+            msg: RouteNetlinkMessage::DelRoute(route_msg(f)),
+            what: format!("delete {} local route table {ROUTE_TABLE}", fam_name(f)),
+            fine: &[
+                libc::ENOENT,
+                libc::ESRCH,
+                libc::EAFNOSUPPORT,
+                libc::EOPNOTSUPP,
+            ],
+        });
+    }
+    RouteSock::open()?.transact(reqs)
 }
 
 fn is_our_rule(m: &RuleMessage) -> bool {
@@ -261,7 +253,7 @@ fn is_our_route(m: &RouteMessage) -> bool {
 /// each), synchronously on this thread's own socket, with no runtime to build: the drift
 /// verifier asks this of every held pod each interval.
 pub fn state() -> Result<RouteState, RulesError> {
-    let sock = RouteDump::open()?;
+    let sock = RouteSock::open()?;
     let mut st = RouteState::default();
     let mut rule = RuleMessage::default();
     rule.header.family = AddressFamily::Unspec;
@@ -292,12 +284,12 @@ pub fn state() -> Result<RouteState, RulesError> {
     Ok(st)
 }
 
-/// A NETLINK_ROUTE socket in the calling thread's netns, for blocking dumps.
-pub(crate) struct RouteDump {
+/// A NETLINK_ROUTE socket in the calling thread's netns, for blocking requests and dumps.
+pub(crate) struct RouteSock {
     sock: rtnetlink::sys::Socket,
 }
 
-impl RouteDump {
+impl RouteSock {
     pub(crate) fn open() -> Result<Self, RulesError> {
         let sock = rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)
             .map_err(|e| nl_err("open socket", e))?;
@@ -306,6 +298,65 @@ impl RouteDump {
         nix::sys::socket::setsockopt(&fd, nix::sys::socket::sockopt::ReceiveTimeout, &tv)
             .map_err(|e| nl_err("setsockopt(SO_RCVTIMEO)", e))?;
         Ok(Self { sock })
+    }
+
+    /// Sends every request in one datagram (the kernel runs them in order) and waits for
+    /// each one's ACK; the first request that failed with an errno not in its `fine` list is
+    /// the error.
+    fn transact(&self, reqs: Vec<Req>) -> Result<(), RulesError> {
+        use rtnetlink::packet_core::{
+            NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST,
+        };
+        let mut out_buf = Vec::new();
+        for (i, r) in reqs.iter().enumerate() {
+            let mut header = NetlinkHeader::default();
+            header.flags = NLM_F_REQUEST | NLM_F_ACK | r.flags;
+            header.sequence_number = i as u32 + 1;
+            let mut msg = NetlinkMessage::new(header, NetlinkPayload::InnerMessage(r.msg.clone()));
+            msg.finalize();
+            let start = out_buf.len();
+            out_buf.resize(start + msg.buffer_len(), 0);
+            msg.serialize(&mut out_buf[start..]);
+        }
+        self.sock
+            .send(&out_buf, 0)
+            .map_err(|e| nl_err("send route/rule requests", e))?;
+        let mut errnos: Vec<Option<i32>> = vec![None; reqs.len()];
+        let mut pending = reqs.len();
+        let mut buf = vec![0u8; 16 * 1024];
+        while pending > 0 {
+            let n = self
+                .sock
+                .recv(&mut &mut buf[..], 0)
+                .map_err(|e| nl_err("route/rule request replies: recv", e))?;
+            let mut off = 0;
+            while off < n {
+                let m = NetlinkMessage::<RouteNetlinkMessage>::deserialize(&buf[off..n])
+                    .map_err(|e| nl_err("route/rule request reply", e))?;
+                let len = m.header.length as usize;
+                if len == 0 {
+                    break;
+                }
+                off += (len + 3) & !3;
+                let i = m.header.sequence_number as usize;
+                if let NetlinkPayload::Error(e) = m.payload {
+                    if (1..=reqs.len()).contains(&i) && errnos[i - 1].is_none() {
+                        errnos[i - 1] = Some(e.code.map_or(0, |c| -c.get()));
+                        pending -= 1;
+                    }
+                }
+            }
+        }
+        for (r, errno) in reqs.iter().zip(errnos) {
+            match errno {
+                Some(0) | None => {}
+                Some(e) if r.fine.contains(&e) => {}
+                Some(e) => {
+                    return Err(nl_err(r.what.clone(), std::io::Error::from_raw_os_error(e)))
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Sends one dump request and collects its replies up to `NLMSG_DONE`; a family the kernel

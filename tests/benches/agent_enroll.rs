@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use ambient_cni_tests::*;
 use serde_json::json;
 
-use ambient_cni_tests::bench::{add, pct, plugin_conf, pods_from_env, verdict};
+use ambient_cni_tests::bench::{
+    add, pct, phase_table, phases, plugin_conf, pods_from_env, verdict, where_time_goes,
+};
 
 fn rss_mib(pid: u32) -> f64 {
     let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -26,6 +28,24 @@ struct Setup {
     _standin: Standin,
     conf: String,
     pods: Vec<(NamedNetns, String, String)>,
+    metrics: std::net::SocketAddr,
+}
+
+impl Setup {
+    /// The agent's `/metrics` text (empty when it does not answer).
+    fn metrics_text(&self) -> String {
+        match http::get(self.metrics, "/metrics", Duration::from_secs(5)) {
+            Ok((200, body)) => body,
+            _ => String::new(),
+        }
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 fn setup(backend: &str, n: usize) -> Setup {
@@ -43,6 +63,7 @@ fn setup(backend: &str, n: usize) -> Setup {
         write_pod(&dir.join("pods"), "mesh", &name, &uid, None, json!({}));
         pods.push((ns, name, uid));
     }
+    let metrics = format!("127.0.0.1:{}", free_port());
     let agent = AgentProcess::start(
         &dir.0,
         &[
@@ -50,6 +71,8 @@ fn setup(backend: &str, n: usize) -> Setup {
             backend,
             "--log-level",
             "warn,ambient_cni_agent::mesh::controller=info",
+            "--metrics-addr",
+            &metrics,
         ],
     );
     let standin = Standin::start(
@@ -65,6 +88,7 @@ fn setup(backend: &str, n: usize) -> Setup {
         _standin: standin,
         conf,
         pods,
+        metrics: metrics.parse().expect("metrics addr"),
     }
 }
 
@@ -124,6 +148,7 @@ fn main() {
     let mut nft_rss = 0.0;
     let mut idle_rss = 0.0;
     let mut nft_p50 = 0.0;
+    let mut tables = Vec::new();
     for backend in ["nftables", "iptables"] {
         let s = setup(backend, n);
         if backend == "nftables" {
@@ -149,6 +174,14 @@ fn main() {
             nft_rss = rss_mib(s.agent.pid());
             nft_p50 = p50;
         }
+        let text = s.metrics_text();
+        let goes = where_time_goes(
+            &format!("{backend}, local source, stand-in"),
+            p50,
+            rows[0].1,
+            &phases(&text).unwrap_or_default(),
+        );
+        tables.push((backend, phase_table(&text), goes));
         drop(s);
     }
 
@@ -203,4 +236,12 @@ fn main() {
         verdict(rss_250, 16.0)
     );
     drop(s);
+    for (backend, table, _) in &tables {
+        println!("\nour ADD's phases, {backend}, local pod source, stand-in (the agent's own clock, `ambient_cni_add_phase_seconds`):\n");
+        print!("{table}");
+    }
+    println!("\nWhere the time goes (same run):\n");
+    for (_, _, goes) in &tables {
+        println!("- {goes}");
+    }
 }

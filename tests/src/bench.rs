@@ -130,23 +130,27 @@ pub fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     Some(lo_le)
 }
 
-/// The per-phase table (p50, p99 in ms, count) from an OpenMetrics text, one row per phase in
-/// [`PHASES`] order (then any other phase the agent reports); every row says "n/a" when the
-/// agent has no [`PHASE_METRIC`] (or the text does not parse).
-pub fn phase_table(metrics: &str) -> String {
-    let mut out = String::from("| phase | p50 ms | p99 ms | ADDs |\n|---|---|---|---|\n");
+/// One phase of the agent's ADD histogram: name, p50 and p99 in ms (None without
+/// observations), and how many ADDs it counted.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PhaseRow {
+    /// The `phase` label.
+    pub phase: String,
+    /// Median, ms.
+    pub p50: Option<f64>,
+    /// 99th percentile, ms.
+    pub p99: Option<f64>,
+    /// Observations.
+    pub count: f64,
+}
+
+/// The phases of [`PHASE_METRIC`] in an OpenMetrics text, in [`PHASES`] order (then any other
+/// phase the agent reports); `None` when the agent has no such histogram (or the text does
+/// not parse).
+pub fn phases(metrics: &str) -> Option<Vec<PhaseRow>> {
     let family = crate::expo::parse(metrics)
         .ok()
-        .and_then(|e| e.family(PHASE_METRIC).cloned());
-    let Some(family) = family else {
-        for p in PHASES {
-            out.push_str(&format!("| {p} | n/a | n/a | n/a |\n"));
-        }
-        out.push_str(&format!(
-            "\n(n/a: the agent exports no `{PHASE_METRIC}` histogram)\n"
-        ));
-        return out;
-    };
+        .and_then(|e| e.family(PHASE_METRIC).cloned())?;
     // Buckets per phase, summed over any other label.
     let mut by_phase: std::collections::BTreeMap<String, std::collections::BTreeMap<u64, f64>> =
         Default::default();
@@ -178,24 +182,84 @@ pub fn phase_table(metrics: &str) -> String {
             .filter(|k| !PHASES.contains(&k.as_str()))
             .cloned(),
     );
-    for p in names {
-        let buckets: Vec<(f64, f64)> = by_phase
-            .get(&p)
-            .map(|m| m.iter().map(|(k, v)| (f64::from_bits(*k), *v)).collect())
-            .unwrap_or_default();
-        let count = buckets.iter().map(|b| b.1).fold(0.0, f64::max);
-        let q = |q| {
-            histogram_quantile(&buckets, q)
-                .map_or_else(|| "n/a".into(), |s| format!("{:.3}", s * 1e3))
-        };
-        let n = if buckets.is_empty() {
+    Some(
+        names
+            .into_iter()
+            .map(|p| {
+                let buckets: Vec<(f64, f64)> = by_phase
+                    .get(&p)
+                    .map(|m| m.iter().map(|(k, v)| (f64::from_bits(*k), *v)).collect())
+                    .unwrap_or_default();
+                let q = |q| histogram_quantile(&buckets, q).map(|s| s * 1e3);
+                PhaseRow {
+                    p50: q(0.5),
+                    p99: q(0.99),
+                    count: buckets.iter().map(|b| b.1).fold(0.0, f64::max),
+                    phase: p,
+                }
+            })
+            .collect(),
+    )
+}
+
+/// The per-phase table (p50, p99 in ms, count) from an OpenMetrics text, one row per phase in
+/// [`PHASES`] order (then any other phase the agent reports); every row says "n/a" when the
+/// agent has no [`PHASE_METRIC`] (or the text does not parse).
+pub fn phase_table(metrics: &str) -> String {
+    let mut out = String::from("| phase | p50 ms | p99 ms | ADDs |\n|---|---|---|---|\n");
+    let Some(rows) = phases(metrics) else {
+        for p in PHASES {
+            out.push_str(&format!("| {p} | n/a | n/a | n/a |\n"));
+        }
+        out.push_str(&format!(
+            "\n(n/a: the agent exports no `{PHASE_METRIC}` histogram)\n"
+        ));
+        return out;
+    };
+    let ms = |v: Option<f64>| v.map_or_else(|| "n/a".into(), |v| format!("{v:.3}"));
+    for r in rows {
+        let n = if r.p50.is_none() && r.count == 0.0 {
             "n/a".to_owned()
         } else {
-            format!("{count:.0}")
+            format!("{:.0}", r.count)
         };
-        out.push_str(&format!("| {p} | {} | {} | {n} |\n", q(0.5), q(0.99)));
+        out.push_str(&format!(
+            "| {} | {} | {} | {n} |\n",
+            r.phase,
+            ms(r.p50),
+            ms(r.p99)
+        ));
     }
     out
+}
+
+/// "Where the time goes" for one measured ADD path, from the same run: the exec floor
+/// (`/bin/true` timed the same way), the agent's phases at p50 (largest first), and what is
+/// left (the plugin's start-up beyond the floor, its UDS + gRPC round trip, the agent's
+/// scheduling between phases). Medians do not add up exactly; the rest is an estimate.
+pub fn where_time_goes(what: &str, total_p50: f64, floor_p50: f64, rows: &[PhaseRow]) -> String {
+    let mut named: Vec<(&str, f64)> = rows
+        .iter()
+        .filter_map(|r| r.p50.map(|v| (r.phase.as_str(), v)))
+        .collect();
+    named.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let sum: f64 = named.iter().map(|p| p.1).sum();
+    let parts: Vec<String> = named
+        .iter()
+        .filter(|p| p.1 >= 0.05)
+        .map(|(p, v)| format!("{p} {v:.2}"))
+        .collect();
+    format!(
+        "{what}: {total_p50:.2} ms at p50 = exec floor {floor_p50:.2} ms + the agent's phases \
+         {sum:.2} ms ({}) + the rest {:.2} ms (plugin start-up beyond the floor, UDS + gRPC, \
+         scheduling between phases).",
+        if parts.is_empty() {
+            "each under 0.05 ms".to_owned()
+        } else {
+            parts.join(", ")
+        },
+        (total_p50 - floor_p50 - sum).max(0.0)
+    )
 }
 
 /// "met" or "NOT met" for a figure against an upper bound.
@@ -231,6 +295,28 @@ mod tests {
             histogram_quantile(&[(0.1, 0.0), (f64::INFINITY, 3.0)], 0.5),
             Some(0.1)
         );
+    }
+
+    #[test]
+    fn where_time_goes_names_the_phases_largest_first_and_the_rest() {
+        let row = |phase: &str, p50| PhaseRow {
+            phase: phase.into(),
+            p50,
+            p99: p50,
+            count: 10.0,
+        };
+        let rows = [
+            row("rules", Some(0.4)),
+            row("ztunnel", Some(0.6)),
+            row("status", Some(0.01)),
+            row("lookup", None),
+        ];
+        let s = where_time_goes("x", 2.0, 0.5, &rows);
+        assert!(
+            s.contains("phases 1.01 ms (ztunnel 0.60, rules 0.40)"),
+            "{s}"
+        );
+        assert!(s.contains("the rest 0.49 ms"), "{s}");
     }
 
     #[test]

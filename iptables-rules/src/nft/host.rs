@@ -108,6 +108,21 @@ impl NftHostProbe {
     /// The upsert transaction: each IP ends up present with comment `uid`, whatever it held.
     pub fn upsert_batch(uid: &str, ips: &[IpAddr]) -> Batch {
         let mut b = Batch::new();
+        Self::add_upsert(&mut b, uid, ips);
+        b
+    }
+
+    /// Adds or replaces the IPs of every `(uid, ips)` in one transaction (a restart's resync:
+    /// one netlink round trip instead of one per pod).
+    pub fn upsert_all(&self, pods: &[(String, Vec<IpAddr>)]) -> Result<(), RulesError> {
+        let mut b = Batch::new();
+        for (uid, ips) in pods {
+            Self::add_upsert(&mut b, uid, ips);
+        }
+        commit(b)
+    }
+
+    fn add_upsert(b: &mut Batch, uid: &str, ips: &[IpAddr]) {
         for ip in ips {
             let bare = [SetElem {
                 key: key(ip),
@@ -123,7 +138,6 @@ impl NftHostProbe {
             b.delete_elements(NFPROTO_INET, TABLE_NAT, set_of(ip), &bare);
             b.add_elements(NFPROTO_INET, TABLE_NAT, set_of(ip), &tagged);
         }
-        b
     }
 
     /// Adds or replaces the pod's IPs in the probe sets with comment = `uid`.

@@ -12,7 +12,7 @@ use rtnetlink::RouteMessageBuilder;
 use super::generate::{TPROXY_MARK, TPROXY_ROUTE_TABLE};
 use crate::error::RulesError;
 use crate::model::Family;
-use crate::route::{errno, nl_err, with_handle, RouteDump, LO_IFINDEX};
+use crate::route::{errno, nl_err, with_handle, RouteSock, LO_IFINDEX};
 
 /// What of the TPROXY route is present.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -197,7 +197,7 @@ fn is_ours_route(m: &RouteMessage) -> bool {
 
 /// Which parts of the TPROXY route exist (one rule dump, one route dump).
 pub fn state() -> Result<TproxyRoute, RulesError> {
-    let sock = RouteDump::open()?;
+    let sock = RouteSock::open()?;
     let mut st = TproxyRoute::default();
     let mut rule = RuleMessage::default();
     rule.header.family = AddressFamily::Unspec;

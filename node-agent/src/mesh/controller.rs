@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use super::enroller::{EnrollError, Enroller, Request};
 use super::metrics::ReconcileMetrics;
 use super::policy::Policy;
-use super::rebuild::{rebuild, Wanted};
+use super::rebuild::{after_snapshot, rebuild, Wanted};
 use super::sidecar::{SidecarError, SidecarPath};
 use super::sidecar_policy::{decide, Mode};
 use super::table::{Held, Phase};
@@ -177,6 +177,16 @@ impl Controller {
         self.enroller.set_ztunnel(zds);
         self.ready.store(true, Ordering::Release);
         info!("agent ready");
+        let me = self.clone();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            let failed = after_snapshot(&me.enroller).await;
+            info!(
+                failed,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "rules re-applied and probe set resynced after start"
+            );
+        });
         tokio::spawn(self.clone().retry_pending_loop());
         while let Some(ev) = rx.recv().await {
             self.clone().handle(ev);

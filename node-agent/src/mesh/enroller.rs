@@ -542,12 +542,26 @@ impl Enroller {
             .collect()
     }
 
-    /// Holds a pod found again after a restart, its rules re-applied first (held even
-    /// when that fails: it is retried like any pending pod).
-    pub async fn restore(&self, held: Held) -> Result<(), EnrollError> {
-        let res = self.reapply(&held).await;
+    /// Holds a pod found again after a restart (its rules are re-applied after the
+    /// snapshot: [`Enroller::reapply_held`]).
+    pub fn restore(&self, held: Held) {
         self.table.put(held);
-        res
+    }
+
+    /// The UIDs of every held pod.
+    pub fn held_uids(&self) -> Vec<String> {
+        self.table.all().into_iter().map(|h| h.id.uid).collect()
+    }
+
+    /// Re-applies the rules of held pod `uid` under its lock (nothing when it is no longer
+    /// held or has no netns).
+    pub async fn reapply_held(&self, uid: &str) -> Result<(), EnrollError> {
+        let lock = self.pod_lock(uid);
+        let _guard = lock.lock().await;
+        match self.table.get(uid) {
+            Some(held) => self.reapply(&held).await,
+            None => Ok(()),
+        }
     }
 
     /// Whether pod `uid` is held.

@@ -47,10 +47,11 @@ const RULES_BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
 ];
 /// Seconds; an ADD's phases run from tens of microseconds (a table insert) to seconds
-/// (ztunnel's ack under load), so the buckets start at 50 µs.
-const PHASE_BUCKETS: [f64; 16] = [
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
-    2.5, 5.0,
+/// (ztunnel's ack under load), so the buckets start at 25 µs, and are dense below 5 ms,
+/// where a captured ADD's phases are (their medians are read off these buckets).
+const PHASE_BUCKETS: [f64; 22] = [
+    0.000025, 0.00005, 0.0001, 0.00015, 0.0002, 0.0003, 0.0004, 0.0005, 0.00075, 0.001, 0.0015,
+    0.002, 0.003, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 /// Seconds; a full reconciliation of every held pod.
 const RECONCILE_BUCKETS: [f64; 10] = [0.001, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0];

@@ -108,6 +108,12 @@ impl Store {
     }
 
     /// Saves a record atomically (UIDs that could escape the directory are refused).
+    ///
+    /// No fsync (it was the tail of every ADD: up to tens of ms under I/O load). A record
+    /// only has to outlive the agent, not the node: an agent crash leaves the written data
+    /// in the page cache, and a power loss or reboot ends every pod netns the records point
+    /// at (a rebooted node restarts its pods, whose ADDs write new records). The temporary
+    /// file + rename still keeps a record whole if the agent dies mid-write.
     pub fn save(&self, rec: &Record) -> std::io::Result<()> {
         let Some(path) = self.path(&rec.uid) else {
             return Err(std::io::Error::new(
@@ -118,13 +124,8 @@ impl Store {
         let tmp = self.dir.join(format!(".{}.tmp", rec.uid));
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(&serde_json::to_vec(rec)?)?;
-        // Data on disk before the rename makes it visible: after a power loss the
-        // record is the old or the new one, never an empty file.
-        f.sync_all()?;
         drop(f);
-        std::fs::rename(tmp, path)?;
-        // The rename itself is durable once the directory is synced.
-        std::fs::File::open(&self.dir)?.sync_all()
+        std::fs::rename(tmp, path)
     }
 
     /// Removes a record (absent is fine).

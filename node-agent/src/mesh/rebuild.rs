@@ -1,8 +1,11 @@
 //! The restart rebuild: after a (re)start, the held set is rebuilt from the netns records,
-//! the pods the pod source says are in the mesh, and a /proc scan; rules are re-applied
-//! where they drifted; records of pods deleted while the agent was down are dropped, and
-//! pods that left the mesh meanwhile get their rules removed. ztunnel gets the result as
-//! its first snapshot. Talks to the enroller only through its rebuild methods.
+//! the pods the pod source says are in the mesh, and a /proc scan; records of pods deleted
+//! while the agent was down are dropped, and pods that left the mesh meanwhile get their
+//! rules removed. ztunnel gets the result as its first snapshot. Only then
+//! ([`after_snapshot`]) are the held pods' rules re-applied (idempotent) and the host probe
+//! set resynced: rules stay in the pod netns while the agent is down, so the snapshot does
+//! not depend on them, and re-applying 250 pods first would hold it up by a netns entry and
+//! a netlink transaction each. Talks to the enroller only through its rebuild methods.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
@@ -33,7 +36,7 @@ pub struct Wanted {
 pub struct Rebuilt {
     /// Pods held afterwards.
     pub held: usize,
-    /// Pods whose rules were re-applied.
+    /// Pods found in their netns, whose rules [`after_snapshot`] re-applies.
     pub reapplied: usize,
     /// Records dropped (pod deleted or released while the agent was down).
     pub dropped: usize,
@@ -98,12 +101,10 @@ pub async fn rebuild(
                 .then(|| "netns not found after restart".to_owned()),
             since: SystemTime::now(),
         };
-        let found = held.netns.is_some();
-        match enroller.restore(held).await {
-            Err(e) => warn!(pod = %w.id, error = %e, "re-applying rules after restart failed"),
-            Ok(()) if found => out.reapplied += 1,
-            Ok(()) => {}
+        if held.netns.is_some() {
+            out.reapplied += 1;
         }
+        enroller.restore(held);
     }
     // Records of pods that are gone or no longer selected.
     for rec in records {
@@ -123,9 +124,24 @@ pub async fn rebuild(
         enroller.forget_record(&rec.uid);
         out.dropped += 1;
     }
-    enroller.resync_probes();
     out.held = enroller.held_count();
     out
+}
+
+/// After the first snapshot went out: re-applies the rules of every held pod found in its
+/// netns (each under its pod's lock, so a concurrent ADD or DEL wins), then makes the host
+/// probe set hold exactly the held pods. Returns how many pods' re-apply failed (each is
+/// logged; the drift verifier finds them again).
+pub async fn after_snapshot(enroller: &Enroller) -> usize {
+    let mut failed = 0;
+    for uid in enroller.held_uids() {
+        if let Err(e) = enroller.reapply_held(&uid).await {
+            warn!(error = %e, "re-applying rules after restart failed");
+            failed += 1;
+        }
+    }
+    enroller.resync_probes();
+    failed
 }
 
 #[cfg(test)]
@@ -193,6 +209,14 @@ mod tests {
             .into();
 
         let done = rebuild(&e, &want, &existing, &InpodConfig::default()).await;
+        // Before the snapshot: nothing written in any pod netns but the rules of the pod
+        // that left the mesh, and the probe set untouched.
+        assert_eq!(
+            fx.log.starting("rules"),
+            ["rules remove /var/run/netns/left"]
+        );
+        assert!(fx.log.starting("probes").is_empty());
+        assert_eq!(after_snapshot(&e).await, 0);
 
         assert_eq!(
             done,
@@ -219,11 +243,13 @@ mod tests {
         assert!(e.table.get("deleted").is_none());
         // Rules re-applied where the netns was found; the pod that left the mesh while
         // the agent was down gets its rules removed; a deleted pod's are left to die with it.
+        let mut rules = fx.log.starting("rules");
+        rules.sort();
         assert_eq!(
-            fx.log.starting("rules"),
+            rules,
             [
-                "rules apply /var/run/netns/kept",
                 "rules apply /proc/1/ns/net#scanned",
+                "rules apply /var/run/netns/kept",
                 "rules remove /var/run/netns/left",
             ]
         );
