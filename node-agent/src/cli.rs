@@ -142,6 +142,10 @@ pub struct RunArgs {
     /// Capture pod DNS to ztunnel (pods may override).
     #[arg(long, env = "AMBIENT_DNS_CAPTURE", default_value_t = true, action = clap::ArgAction::Set)]
     pub ambient_dns_capture: bool,
+    /// Program Istio's sidecar redirection into sidecar-injected pods at ADD, as istio-cni
+    /// does (the injector's CNI mode, `pilot.cni.enabled`); off leaves them untouched.
+    #[arg(long, env = "SIDECAR_MODE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub sidecar_mode: bool,
     /// Install IPv6 rules too.
     #[arg(long, env = "AMBIENT_IPV6", default_value_t = true, action = clap::ArgAction::Set)]
     pub ambient_ipv6: bool,

@@ -52,6 +52,7 @@ pub fn policy_from(args: &RunArgs) -> anyhow::Result<Policy> {
             probe_snat_v6: args.host_probe_snat_ipv6,
             ..InpodConfig::default()
         },
+        sidecar_mode: args.sidecar_mode,
     })
 }
 

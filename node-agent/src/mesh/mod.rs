@@ -13,6 +13,7 @@ pub mod persist;
 pub mod policy;
 pub mod rebuild;
 pub mod rules;
+pub mod sidecar_policy;
 pub mod status_queue;
 pub mod table;
 pub mod ztunnel;

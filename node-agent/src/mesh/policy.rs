@@ -108,6 +108,8 @@ pub struct Policy {
     pub system_namespace: String,
     /// Global options (DNS capture, IPv6, probe SNAT addresses); pods may override some.
     pub inpod: InpodConfig,
+    /// Program Istio's sidecar redirection into injected pods at ADD (istio-cni does, always).
+    pub sidecar_mode: bool,
 }
 
 impl Default for Policy {
@@ -118,6 +120,7 @@ impl Default for Policy {
             exclude_namespaces: vec!["kube-system".into()],
             system_namespace: "istio-system".into(),
             inpod: InpodConfig::default(),
+            sidecar_mode: true,
         }
     }
 }
