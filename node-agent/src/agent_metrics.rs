@@ -9,6 +9,7 @@ use crate::obs::fallbacks::FallbackMetrics;
 use crate::obs::installer::InstallMetrics;
 use crate::obs::metrics::{Metrics, Registry};
 use crate::plugin_server::metrics::PluginMetrics;
+use crate::sidecar_repair::metrics::RepairMetrics;
 use crate::verify::metrics::VerifyMetrics;
 
 /// The agent's metrics, by owner, and the exposition that serves them all.
@@ -28,6 +29,8 @@ pub struct AgentMetrics {
     pub fallbacks: Arc<FallbackMetrics>,
     /// The drift verifier's.
     pub verify: Arc<VerifyMetrics>,
+    /// The sidecar repair controller's.
+    pub repair: Arc<RepairMetrics>,
 }
 
 impl AgentMetrics {
@@ -40,6 +43,7 @@ impl AgentMetrics {
         let install = Arc::new(InstallMetrics::new(&mut r));
         let fallbacks = Arc::new(FallbackMetrics::new(&mut r));
         let verify = Arc::new(VerifyMetrics::new(&mut r));
+        let repair = Arc::new(RepairMetrics::new(&mut r));
         Self {
             exposition: Arc::new(Metrics::new(r)),
             plugin,
@@ -48,6 +52,7 @@ impl AgentMetrics {
             install,
             fallbacks,
             verify,
+            repair,
         }
     }
 }

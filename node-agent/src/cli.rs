@@ -182,6 +182,9 @@ pub struct RunArgs {
     /// Prometheus metrics port (`/metrics`): `IP:PORT`.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:15014")]
     pub metrics_addr: std::net::SocketAddr,
+    /// Race repair of sidecar pods (Istio's `REPAIR_*` settings).
+    #[command(flatten)]
+    pub repair: crate::sidecar_repair::settings::RepairArgs,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,

@@ -89,8 +89,24 @@ impl Pod {
 /// to anything but 127.0.0.1 goes to the inbound port).
 fn redirect_rule(pod: &Pod, bin: &str, dst: &str) {
     pod.sh(&[
-        bin, "-w", "-t", "nat", "-A", "OUTPUT", "-p", "tcp", "-d", dst, "-m", "owner",
-        "--uid-owner", "1337", "-j", "REDIRECT", "--to-ports", "15006",
+        bin,
+        "-w",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        dst,
+        "-m",
+        "owner",
+        "--uid-owner",
+        "1337",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15006",
     ]);
 }
 
@@ -141,9 +157,21 @@ fn an_ipv6_pod_is_checked_on_ipv6_loopback() {
         return;
     }
     let pod = pod_netns();
-    pod.sh(&["ip", "link", "add", "eth0", "type", "dummy"]);
+    pod.sh(&[
+        "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+    ]);
+    pod.sh(&["ip", "link", "set", "peer0", "up"]);
     pod.sh(&["ip", "link", "set", "eth0", "up"]);
-    pod.sh(&["ip", "-6", "addr", "add", "fd00::5/64", "dev", "eth0", "nodad"]);
+    pod.sh(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd00::5/64",
+        "dev",
+        "eth0",
+        "nodad",
+    ]);
     pod.sh(&["ip", "-6", "route", "add", "default", "dev", "eth0"]);
     // IPv4 rules do not help an IPv6 pod.
     redirect_rule(&pod, "iptables", "127.0.0.6/32");

@@ -54,9 +54,7 @@ fn parse_seconds(s: &str) -> Result<Duration, String> {
     let t = s.trim().trim_end_matches('s');
     match t.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v <= 3600.0 => Ok(Duration::from_secs_f64(v)),
-        _ => Err(format!(
-            "{s:?}: not a number of seconds between 0 and 3600"
-        )),
+        _ => Err(format!("{s:?}: not a number of seconds between 0 and 3600")),
     }
 }
 
@@ -81,7 +79,10 @@ pub fn plan(addrs: &[IpAddr], args: &ValidateArgs) -> Plan {
             Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6).into(),
         )
     } else {
-        (Ipv4Addr::LOCALHOST.into(), Ipv4Addr::new(127, 0, 0, 6).into())
+        (
+            Ipv4Addr::LOCALHOST.into(),
+            Ipv4Addr::new(127, 0, 0, 6).into(),
+        )
     };
     Plan {
         listen: [args.proxy_port, args.inbound_capture_port]
@@ -209,8 +210,7 @@ fn original_port(conn: &std::net::TcpStream) -> Result<u16, String> {
         let sin = socket::getsockopt(conn, sockopt::OriginalDst).map_err(|e| e.to_string())?;
         Ok(u16::from_be(sin.sin_port))
     } else {
-        let sin6 =
-            socket::getsockopt(conn, sockopt::Ip6tOriginalDst).map_err(|e| e.to_string())?;
+        let sin6 = socket::getsockopt(conn, sockopt::Ip6tOriginalDst).map_err(|e| e.to_string())?;
         Ok(u16::from_be(sin6.sin6_port))
     }
 }
@@ -253,7 +253,10 @@ mod tests {
             (&[], false),
             (&["127.0.0.1", "::1"], false),
             (&["127.0.0.1", "10.0.0.5", "fd00::5"], false),
-            (&["127.0.0.1", "::1", "fe80::1", "fd00::5", "10.0.0.5"], true),
+            (
+                &["127.0.0.1", "::1", "fe80::1", "fd00::5", "10.0.0.5"],
+                true,
+            ),
             (&["169.254.1.1", "fd00::5"], true),
             (&["::ffff:10.0.0.5"], false),
         ];
@@ -273,7 +276,11 @@ mod tests {
                 "{addrs:?}"
             );
             assert_eq!(p.source, format!("{lo}:0").parse().unwrap(), "{addrs:?}");
-            assert_eq!(p.target, format!("{six}:15002").parse().unwrap(), "{addrs:?}");
+            assert_eq!(
+                p.target,
+                format!("{six}:15002").parse().unwrap(),
+                "{addrs:?}"
+            );
         }
     }
 
@@ -289,7 +296,8 @@ mod tests {
 
     #[test]
     fn the_failure_message_is_istios() {
-        assert!(FAILURE_MESSAGE.starts_with("iptables validation failed; workload is not ready for Istio.\n"));
+        assert!(FAILURE_MESSAGE
+            .starts_with("iptables validation failed; workload is not ready for Istio.\n"));
         assert_eq!(VALIDATION_ERROR_CODE, 126);
     }
 }

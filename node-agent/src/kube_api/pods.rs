@@ -12,7 +12,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, PodSpec, PodStatus};
+use k8s_openapi::api::core::v1::{
+    ContainerState, ContainerStateTerminated, ContainerStatus, Namespace, Pod, PodSpec, PodStatus,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
 use kube::runtime::watcher::{self, Event};
@@ -84,6 +86,10 @@ pub fn trim(pod: Pod) -> Pod {
         phase: s.phase,
         pod_ip: s.pod_ip,
         pod_ips: s.pod_ips,
+        // The sidecar repair reads how init containers ended (name, exit code, reason, message).
+        init_container_statuses: s
+            .init_container_statuses
+            .map(|v| v.into_iter().map(trim_container_status).collect()),
         ..PodStatus::default()
     });
     Pod {
@@ -99,6 +105,27 @@ pub fn trim(pod: Pod) -> Pod {
         },
         spec,
         status,
+    }
+}
+
+/// An init container's status down to how it last ended and how it is now, if terminated.
+fn trim_container_status(c: ContainerStatus) -> ContainerStatus {
+    let terminated = |st: Option<ContainerState>| {
+        st.map(|st| ContainerState {
+            terminated: st.terminated.map(|t| ContainerStateTerminated {
+                exit_code: t.exit_code,
+                reason: t.reason,
+                message: t.message,
+                ..ContainerStateTerminated::default()
+            }),
+            ..ContainerState::default()
+        })
+    };
+    ContainerStatus {
+        name: c.name,
+        state: terminated(c.state),
+        last_state: terminated(c.last_state),
+        ..ContainerStatus::default()
     }
 }
 

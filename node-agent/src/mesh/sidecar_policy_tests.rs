@@ -103,14 +103,18 @@ fn decision_table() {
         (
             "no status annotation, ambient namespace",
             &on,
-            with(injected("shop"), |v| v["metadata"]["annotations"] = json!({})),
+            with(injected("shop"), |v| {
+                v["metadata"]["annotations"] = json!({})
+            }),
             &ambient_ns,
             Mode::Ambient,
         ),
         (
             "no status annotation, plain namespace",
             &on,
-            with(injected("shop"), |v| v["metadata"]["annotations"] = json!({})),
+            with(injected("shop"), |v| {
+                v["metadata"]["annotations"] = json!({})
+            }),
             &plain,
             pass(Why::NotAmbient(Skip::NotSelected)),
         ),

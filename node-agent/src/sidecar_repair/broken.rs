@@ -148,12 +148,37 @@ mod tests {
         let fail = || Some(terminated(126, "Error", ""));
         // (case, annotated, init container statuses, broken?)
         let table: Vec<(&str, bool, Vec<ContainerStatus>, bool)> = vec![
-            ("last state 126", true, vec![status(v, Some(running()), fail())], true),
-            ("current state 126 (first failure)", true, vec![status(v, fail(), None)], true),
-            ("waiting in back-off, last 126", true, vec![status(v, None, fail())], true),
+            (
+                "last state 126",
+                true,
+                vec![status(v, Some(running()), fail())],
+                true,
+            ),
+            (
+                "current state 126 (first failure)",
+                true,
+                vec![status(v, fail(), None)],
+                true,
+            ),
+            (
+                "waiting in back-off, last 126",
+                true,
+                vec![status(v, None, fail())],
+                true,
+            ),
             ("no annotation", false, vec![status(v, None, fail())], false),
-            ("another init container", true, vec![status("init", None, fail())], false),
-            ("another exit code", true, vec![status(v, None, Some(terminated(1, "Error", "")))], false),
+            (
+                "another init container",
+                true,
+                vec![status("init", None, fail())],
+                false,
+            ),
+            (
+                "another exit code",
+                true,
+                vec![status(v, None, Some(terminated(1, "Error", "")))],
+                false,
+            ),
             (
                 "completed now, failed before (repaired or fixed)",
                 true,
@@ -166,7 +191,12 @@ mod tests {
                 vec![status(v, Some(terminated(126, "Completed", "")), None)],
                 false,
             ),
-            ("running, never failed", true, vec![status(v, Some(running()), None)], false),
+            (
+                "running, never failed",
+                true,
+                vec![status(v, Some(running()), None)],
+                false,
+            ),
             ("no statuses yet", true, vec![], false),
             (
                 "second of two matches",
@@ -176,7 +206,11 @@ mod tests {
             ),
         ];
         for (case, annotated, statuses, want) in table {
-            assert_eq!(is_broken(&pod(annotated, statuses), &filter()), want, "{case}");
+            assert_eq!(
+                is_broken(&pod(annotated, statuses), &filter()),
+                want,
+                "{case}"
+            );
         }
     }
 
@@ -188,7 +222,10 @@ mod tests {
             termination_message: String::new(),
             exit_code: 0,
         };
-        let p = pod(false, vec![status("x", None, Some(terminated(3, "Error", "")))]);
+        let p = pod(
+            false,
+            vec![status("x", None, Some(terminated(3, "Error", "")))],
+        );
         assert!(is_broken(&p, &any));
         assert!(!is_broken(&p, &filter()));
     }
@@ -202,7 +239,11 @@ mod tests {
         let with = |msg: &str| {
             pod(
                 true,
-                vec![status("istio-validation", None, Some(terminated(126, "Error", msg)))],
+                vec![status(
+                    "istio-validation",
+                    None,
+                    Some(terminated(126, "Error", msg)),
+                )],
             )
         };
         assert!(is_broken(&with("not ready"), &f));

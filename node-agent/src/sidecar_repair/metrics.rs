@@ -42,11 +42,15 @@ impl RepairMetrics {
 
     /// Counts one outcome (`type` of [`super::settings::Mode::metric_type`], `result` of [`RESULTS`]).
     pub fn count(&self, r#type: &'static str, result: &'static str) {
-        self.repaired.get_or_create(&Labels { r#type, result }).inc();
+        self.repaired
+            .get_or_create(&Labels { r#type, result })
+            .inc();
     }
 
     /// The count so far (tests).
     pub fn get(&self, r#type: &'static str, result: &'static str) -> u64 {
-        self.repaired.get_or_create(&Labels { r#type, result }).get()
+        self.repaired
+            .get_or_create(&Labels { r#type, result })
+            .get()
     }
 }

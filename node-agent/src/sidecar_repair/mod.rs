@@ -4,6 +4,7 @@
 //! into the running pod's netns (or deletes or labels it, as Istio's settings say).
 
 pub mod broken;
+pub mod effects;
 pub mod memory;
 pub mod metrics;
 pub mod repairer;

@@ -2,7 +2,7 @@
 //! broken by the race and acts on each once, as the mode says (Istio's
 //! `cni/pkg/repair/repaircontroller.go`).
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -38,8 +38,12 @@ pub trait RepairEffects: Send + Sync {
     async fn event(&self, pod: &PodId, warning: bool, reason: &str, message: &str);
 }
 
-/// Whether the agent would program this pod at ADD (the sidecar decision).
-pub type IsSidecar = Arc<dyn Fn(&Pod) -> bool + Send + Sync>;
+/// Whether the agent would program this pod (with its namespace's labels) at ADD: the
+/// sidecar decision.
+pub type IsSidecar = Arc<dyn Fn(&Pod, &Labels) -> bool + Send + Sync>;
+
+/// A namespace's labels.
+pub type Labels = BTreeMap<String, String>;
 
 /// The controller.
 pub struct Repairer {
@@ -85,9 +89,13 @@ impl Repairer {
         self.memory.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// The pods of `all` to act on now: live, broken, not dealt with yet. Forgets the pods
-    /// that are no longer in `all`.
-    pub fn select(&self, all: &mut dyn Iterator<Item = &Pod>) -> Vec<Pod> {
+    /// The pods of `all` to act on now (live, broken, not dealt with yet), with their
+    /// namespace's labels. Forgets the pods that are no longer in `all`.
+    pub fn select(
+        &self,
+        all: &mut dyn Iterator<Item = &Pod>,
+        namespaces: &HashMap<String, Labels>,
+    ) -> Vec<(Pod, Labels)> {
         let mut live = HashSet::new();
         let mut out = Vec::new();
         let mut memory = self.memory();
@@ -98,7 +106,8 @@ impl Repairer {
             }
             live.insert(uid.clone());
             if is_live(pod) && !memory.is_done(&uid) && is_broken(pod, &self.filter) {
-                out.push(pod.clone());
+                let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
+                out.push((pod.clone(), namespaces.get(ns).cloned().unwrap_or_default()));
             }
         }
         memory.retain(&live);
@@ -106,14 +115,14 @@ impl Repairer {
     }
 
     /// Acts on one broken pod (once per UID: a pod already dealt with is skipped).
-    pub async fn act(&self, pod: &Pod) -> Option<Outcome> {
+    pub async fn act(&self, pod: &Pod, ns_labels: &Labels) -> Option<Outcome> {
         let id = pods::pod_id(pod);
         if self.memory().is_done(&id.uid) {
             return None;
         }
         let kind = self.mode.metric_type();
         let outcome = match &self.mode {
-            Mode::Repair => self.repair(pod, &id).await,
+            Mode::Repair => self.repair(pod, ns_labels, &id).await,
             Mode::Delete => self.delete(pod, &id).await,
             Mode::Label { key, value } => self.label(pod, &id, key, value).await,
         };
@@ -137,8 +146,8 @@ impl Repairer {
         Some(outcome)
     }
 
-    async fn repair(&self, pod: &Pod, id: &PodId) -> Outcome {
-        if !(self.is_sidecar)(pod) {
+    async fn repair(&self, pod: &Pod, ns_labels: &Labels, id: &PodId) -> Outcome {
+        if !(self.is_sidecar)(pod, ns_labels) {
             return Outcome::Skip("not a sidecar pod this agent programs".into());
         }
         if pods::ips(pod).is_empty() {
@@ -197,12 +206,16 @@ impl Repairer {
         }
     }
 
-    /// One pass over `pods`: acts on each broken pod not dealt with yet.
-    pub async fn pass(&self, all: &mut dyn Iterator<Item = &Pod>) -> Vec<(PodId, Outcome)> {
-        let chosen = self.select(all);
+    /// One pass over `all`: acts on each broken pod not dealt with yet.
+    pub async fn pass(
+        &self,
+        all: &mut dyn Iterator<Item = &Pod>,
+        namespaces: &HashMap<String, Labels>,
+    ) -> Vec<(PodId, Outcome)> {
+        let chosen = self.select(all, namespaces);
         let mut out = Vec::new();
-        for pod in &chosen {
-            if let Some(o) = self.act(pod).await {
+        for (pod, labels) in &chosen {
+            if let Some(o) = self.act(pod, labels).await {
                 out.push((pods::pod_id(pod), o));
             }
         }
@@ -213,15 +226,18 @@ impl Repairer {
     /// [`RESYNC`]) until the process ends.
     pub fn spawn(self: Arc<Self>, ctl: Arc<crate::mesh::controller::Controller>) {
         tokio::spawn(async move {
-            info!(mode = self.mode.metric_type(), "sidecar repair controller started");
+            info!(
+                mode = self.mode.metric_type(),
+                "sidecar repair controller started"
+            );
             loop {
                 // Armed before the pass, so an event during it triggers the next one.
                 let notified = ctl.changes().notified();
                 tokio::pin!(notified);
                 notified.as_mut().enable();
-                let chosen = ctl.with_cache(|pods, _| self.select(pods));
-                for pod in &chosen {
-                    let _ = self.act(pod).await;
+                let chosen = ctl.with_cache(|pods, namespaces| self.select(pods, namespaces));
+                for (pod, labels) in &chosen {
+                    let _ = self.act(pod, labels).await;
                 }
                 tokio::select! {
                     _ = notified => {}

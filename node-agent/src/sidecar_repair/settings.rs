@@ -34,16 +34,16 @@ impl Mode {
 #[derive(Debug, Clone, Args)]
 pub struct RepairArgs {
     /// Watch this node's sidecar pods for a failed `istio-validation` and act on them.
-    #[arg(long, env = "REPAIR_ENABLED", default_value = "true", value_parser = go_bool)]
+    #[arg(long, env = "REPAIR_ENABLED", default_value = "true", value_parser = go_bool, action = clap::ArgAction::Set)]
     pub repair_enabled: bool,
     /// Act by programming the running pod (first of the three modes that is on wins).
-    #[arg(long, env = "REPAIR_REPAIR_PODS", default_value = "true", value_parser = go_bool)]
+    #[arg(long, env = "REPAIR_REPAIR_PODS", default_value = "true", value_parser = go_bool, action = clap::ArgAction::Set)]
     pub repair_repair_pods: bool,
     /// Act by deleting the pod.
-    #[arg(long, env = "REPAIR_DELETE_PODS", default_value = "false", value_parser = go_bool)]
+    #[arg(long, env = "REPAIR_DELETE_PODS", default_value = "false", value_parser = go_bool, action = clap::ArgAction::Set)]
     pub repair_delete_pods: bool,
     /// Act by labelling the pod.
-    #[arg(long, env = "REPAIR_LABEL_PODS", default_value = "false", value_parser = go_bool)]
+    #[arg(long, env = "REPAIR_LABEL_PODS", default_value = "false", value_parser = go_bool, action = clap::ArgAction::Set)]
     pub repair_label_pods: bool,
     /// The label key of the label mode.
     #[arg(
@@ -63,10 +63,18 @@ pub struct RepairArgs {
     )]
     pub repair_sidecar_annotation: String,
     /// The init container whose failure marks a pod broken (empty: any).
-    #[arg(long, env = "REPAIR_INIT_CONTAINER_NAME", default_value = "istio-validation")]
+    #[arg(
+        long,
+        env = "REPAIR_INIT_CONTAINER_NAME",
+        default_value = "istio-validation"
+    )]
     pub repair_init_container_name: String,
     /// Its termination message must equal this (trimmed; empty: any).
-    #[arg(long, env = "REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE", default_value = "")]
+    #[arg(
+        long,
+        env = "REPAIR_INIT_CONTAINER_TERMINATION_MESSAGE",
+        default_value = ""
+    )]
     pub repair_init_container_termination_message: String,
     /// Its exit code must be this (0: any non-zero).
     #[arg(long, env = "REPAIR_INIT_CONTAINER_EXIT_CODE", default_value_t = 126)]
@@ -170,7 +178,12 @@ mod tests {
                 Some(Mode::Delete),
             ),
             (
-                &["--repair-repair-pods", "false", "--repair-label-pods", "true"],
+                &[
+                    "--repair-repair-pods",
+                    "false",
+                    "--repair-label-pods",
+                    "true",
+                ],
                 Some(label),
             ),
             (
