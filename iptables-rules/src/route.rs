@@ -17,7 +17,7 @@ use crate::error::RulesError;
 use crate::model::Family;
 
 /// The loopback interface's index, fixed in every netns.
-const LO_IFINDEX: u32 = 1;
+pub(crate) const LO_IFINDEX: u32 = 1;
 
 /// What of the policy route is present, per family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -52,7 +52,7 @@ pub fn ipv6_route_wanted(ipv6: bool) -> bool {
         .unwrap_or(false)
 }
 
-fn nl_err(op: impl Into<String>, e: impl std::fmt::Display) -> RulesError {
+pub(crate) fn nl_err(op: impl Into<String>, e: impl std::fmt::Display) -> RulesError {
     RulesError::Netlink {
         backend: "route".into(),
         op: op.into(),
@@ -61,7 +61,7 @@ fn nl_err(op: impl Into<String>, e: impl std::fmt::Display) -> RulesError {
 }
 
 /// The errno of a netlink error reply, if it is one.
-fn errno(e: &rtnetlink::Error) -> Option<i32> {
+pub(crate) fn errno(e: &rtnetlink::Error) -> Option<i32> {
     match e {
         rtnetlink::Error::NetlinkError(m) => m.code.map(|c| -c.get()),
         _ => None,
@@ -72,7 +72,7 @@ fn errno(e: &rtnetlink::Error) -> Option<i32> {
 const NETLINK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Runs `f` with a netlink handle on a current-thread runtime created on this thread.
-fn with_handle<T, F, Fut>(f: F) -> Result<T, RulesError>
+pub(crate) fn with_handle<T, F, Fut>(f: F) -> Result<T, RulesError>
 where
     F: FnOnce(Handle) -> Fut,
     Fut: std::future::Future<Output = Result<T, RulesError>>,
@@ -293,12 +293,12 @@ pub fn state() -> Result<RouteState, RulesError> {
 }
 
 /// A NETLINK_ROUTE socket in the calling thread's netns, for blocking dumps.
-struct RouteDump {
+pub(crate) struct RouteDump {
     sock: rtnetlink::sys::Socket,
 }
 
 impl RouteDump {
-    fn open() -> Result<Self, RulesError> {
+    pub(crate) fn open() -> Result<Self, RulesError> {
         let sock = rtnetlink::sys::Socket::new(rtnetlink::sys::protocols::NETLINK_ROUTE)
             .map_err(|e| nl_err("open socket", e))?;
         let fd = std::os::fd::AsFd::as_fd(&sock);
@@ -310,7 +310,7 @@ impl RouteDump {
 
     /// Sends one dump request and collects its replies up to `NLMSG_DONE`; a family the kernel
     /// does not support (IPv6 off) is an empty answer.
-    fn dump(
+    pub(crate) fn dump(
         &self,
         seq: u32,
         req: RouteNetlinkMessage,

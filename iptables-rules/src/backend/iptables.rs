@@ -43,7 +43,8 @@ pub struct Tools {
 }
 
 impl Tools {
-    fn new(bin: &str) -> Self {
+    /// `bin`, `bin-save` and `bin-restore`.
+    pub fn new(bin: &str) -> Self {
         Self {
             bin: bin.to_owned(),
             save: format!("{bin}-save"),
@@ -109,6 +110,11 @@ impl Iptables {
         }
     }
 
+    /// Explicit binaries per family (benches, and tests that need a family's tool to fail).
+    pub fn with_tools(flavor: Flavor, v4: Tools, v6: Option<Tools>) -> Self {
+        Self { flavor, v4, v6 }
+    }
+
     /// The flavor in use.
     pub fn flavor(&self) -> Flavor {
         self.flavor
@@ -143,7 +149,7 @@ impl Iptables {
     /// makes `*-save` pointless (a fresh pod then costs one exec, the restore). Asked of
     /// the kernel directly: nf_tables table list for iptables-nft, `/proc/thread-self/net`
     /// for legacy. Any doubt answers true.
-    fn may_have_state(&self, family: Family) -> bool {
+    pub(crate) fn may_have_state(&self, family: Family) -> bool {
         const OURS: [&str; 3] = ["mangle", "nat", "raw"];
         match self.flavor {
             Flavor::Nft => {
@@ -250,7 +256,7 @@ impl Iptables {
     /// chains still hooked, e.g. keeping NAT active). Deletes those that hold no rule, in
     /// one nft batch whose `delete chain` fails (EBUSY, whole batch aborted) should a rule
     /// appear meanwhile, so nobody else's rule can be lost.
-    fn drop_empty_compat_tables(&self, family: Family) -> Result<(), RulesError> {
+    pub(crate) fn drop_empty_compat_tables(&self, family: Family) -> Result<(), RulesError> {
         let nft_family = match family {
             Family::V4 => "ip",
             Family::V6 => "ip6",

@@ -116,6 +116,16 @@ pub const NFTA_CT_KEY: u16 = 2;
 pub const NFTA_CT_DIRECTION: u16 = 3;
 pub const NFTA_CT_SREG: u16 = 4;
 pub const NFT_CT_MARK: u32 = 3;
+/// `NFT_CT_STATE` (conntrack state bits, 4 bytes host order).
+pub const NFT_CT_STATE: u32 = 0;
+/// `NFT_META_SKGID`: the originating socket's GID.
+pub const NFT_META_SKGID: u32 = 11;
+/// `NFTA_TPROXY_FAMILY` (linux/netfilter/nf_tables.h).
+pub const NFTA_TPROXY_FAMILY: u16 = 1;
+/// `NFTA_TPROXY_REG_ADDR`.
+pub const NFTA_TPROXY_REG_ADDR: u16 = 2;
+/// `NFTA_TPROXY_REG_PORT`.
+pub const NFTA_TPROXY_REG_PORT: u16 = 3;
 pub const NFT_CT_ZONE: u32 = 17;
 
 // payload

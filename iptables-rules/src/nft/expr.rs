@@ -238,6 +238,15 @@ pub enum Expr {
         /// Register holding the address.
         reg_addr_min: Option<Reg>,
     },
+    /// `tproxy <family> addr reg ... port reg ...` (sidecar TPROXY mode).
+    Tproxy {
+        /// `NFPROTO_IPV4` or `NFPROTO_IPV6`.
+        family: u8,
+        /// Register holding the address, if any.
+        reg_addr: Option<Reg>,
+        /// Register holding the port (big endian u16), if any.
+        reg_port: Option<Reg>,
+    },
     /// `counter` (packet/byte values are not part of identity).
     Counter,
     /// An expression this encoder does not model, by name (only seen when reading back).
@@ -257,6 +266,7 @@ impl Expr {
             Self::Immediate { .. } | Self::Verdict(_) => "immediate",
             Self::Redir { .. } => "redir",
             Self::Nat { .. } => "nat",
+            Self::Tproxy { .. } => "tproxy",
             Self::Counter => "counter",
             Self::Unknown(n) => n,
         }
@@ -373,6 +383,19 @@ impl Expr {
                     w.attr_be32(NFTA_NAT_REG_ADDR_MIN, *r);
                 }
             }
+            Self::Tproxy {
+                family,
+                reg_addr,
+                reg_port,
+            } => {
+                w.attr_be32(NFTA_TPROXY_FAMILY, u32::from(*family));
+                if let Some(r) = reg_addr {
+                    w.attr_be32(NFTA_TPROXY_REG_ADDR, *r);
+                }
+                if let Some(r) = reg_port {
+                    w.attr_be32(NFTA_TPROXY_REG_PORT, *r);
+                }
+            }
             Self::Counter | Self::Unknown(_) => {}
         }
         w.end_nest(data);
@@ -477,6 +500,11 @@ impl Expr {
                 family: u8::try_from(u32_of(NFTA_NAT_FAMILY)?).ok()?,
                 reg_addr_min: u32_of(NFTA_NAT_REG_ADDR_MIN),
             },
+            "tproxy" => Self::Tproxy {
+                family: u8::try_from(u32_of(NFTA_TPROXY_FAMILY)?).ok()?,
+                reg_addr: u32_of(NFTA_TPROXY_REG_ADDR),
+                reg_port: u32_of(NFTA_TPROXY_REG_PORT),
+            },
             "counter" => Self::Counter,
             other => Self::Unknown(other.to_owned()),
         })
@@ -568,6 +596,14 @@ impl std::fmt::Display for Expr {
                     "[nat {kind:?} family {family} addr_min {reg_addr_min:?}]"
                 )
             }
+            Self::Tproxy {
+                family,
+                reg_addr,
+                reg_port,
+            } => write!(
+                f,
+                "[tproxy family {family} addr {reg_addr:?} port {reg_port:?}]"
+            ),
             Self::Counter => write!(f, "[counter]"),
             Self::Unknown(n) => write!(f, "[{n} ?]"),
         }
@@ -643,6 +679,11 @@ mod tests {
                 kind: NatKind::Snat,
                 family: NFPROTO_IPV6,
                 reg_addr_min: Some(1),
+            },
+            Expr::Tproxy {
+                family: NFPROTO_IPV4,
+                reg_addr: None,
+                reg_port: Some(1),
             },
             Expr::Counter,
         ] {

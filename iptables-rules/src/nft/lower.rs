@@ -146,7 +146,7 @@ pub fn lower_rule(r: &Rule) -> Result<Vec<Expr>, RulesError> {
     Ok(e)
 }
 
-fn meta_cmp(e: &mut Vec<Expr>, key: MetaKey, op: CmpOp, data: Vec<u8>) {
+pub(crate) fn meta_cmp(e: &mut Vec<Expr>, key: MetaKey, op: CmpOp, data: Vec<u8>) {
     e.push(Expr::Meta { key, dreg: R1 });
     e.push(Expr::Cmp { sreg: R1, op, data });
 }
@@ -242,7 +242,7 @@ fn masked_cmp(e: &mut Vec<Expr>, value: u32, mask: u32, neg: bool) {
     });
 }
 
-fn ifname(name: &str) -> Result<Vec<u8>, RulesError> {
+pub(crate) fn ifname(name: &str) -> Result<Vec<u8>, RulesError> {
     if name.is_empty() || name.len() >= IFNAMSIZ || name.as_bytes().contains(&0) {
         return Err(RulesError::Config(format!(
             "nftables: invalid interface name {name:?}"

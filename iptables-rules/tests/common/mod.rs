@@ -9,7 +9,7 @@ use iptables_rules::{HostProbeConfig, InpodConfig};
 #[path = "../goldens_dir/mod.rs"]
 mod goldens_dir;
 #[allow(unused_imports)]
-pub use goldens_dir::{goldens, have_goldens};
+pub use goldens_dir::{goldens, have_goldens, have_sidecar_goldens, sidecar_goldens};
 
 /// The v6 SNAT address Istio's in-pod goldens use.
 pub fn test_snat_v6() -> Ipv6Addr {

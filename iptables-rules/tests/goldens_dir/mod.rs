@@ -33,3 +33,30 @@ pub fn have_goldens(test: &str) -> bool {
     );
     false
 }
+
+/// Directory of Istio's sidecar-mode CNI goldens: `istio-goldens-sidecar` beside
+/// [`goldens`], or `ISTIO_SIDECAR_GOLDENS_DIR`.
+pub fn sidecar_goldens() -> PathBuf {
+    match std::env::var_os("ISTIO_SIDECAR_GOLDENS_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => goldens().join("../istio-goldens-sidecar"),
+    }
+}
+
+/// Like [`have_goldens`] for [`sidecar_goldens`].
+pub fn have_sidecar_goldens(test: &str) -> bool {
+    let dir = sidecar_goldens();
+    if dir.join("basic.txt.golden").is_file() {
+        return true;
+    }
+    assert!(
+        std::env::var_os("CI").is_none(),
+        "{test}: Istio's sidecar goldens are missing at {} (CI must have them)",
+        dir.display()
+    );
+    eprintln!(
+        "skipped {test}: Istio's sidecar goldens not found at {} (set ISTIO_SIDECAR_GOLDENS_DIR)",
+        dir.display()
+    );
+    false
+}
