@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use crate::mesh::metrics::{EnrolMetrics, ReconcileMetrics};
+use crate::mesh::sidecar_metrics::SidecarMetrics;
 use crate::obs::fallbacks::FallbackMetrics;
 use crate::obs::installer::InstallMetrics;
 use crate::obs::metrics::{Metrics, Registry};
@@ -31,6 +32,8 @@ pub struct AgentMetrics {
     pub verify: Arc<VerifyMetrics>,
     /// The sidecar repair controller's.
     pub repair: Arc<RepairMetrics>,
+    /// Sidecar mode's.
+    pub sidecar: Arc<SidecarMetrics>,
 }
 
 impl AgentMetrics {
@@ -43,6 +46,7 @@ impl AgentMetrics {
         let install = Arc::new(InstallMetrics::new(&mut r));
         let fallbacks = Arc::new(FallbackMetrics::new(&mut r));
         let verify = Arc::new(VerifyMetrics::new(&mut r));
+        let sidecar = Arc::new(SidecarMetrics::new(&mut r));
         let repair = Arc::new(RepairMetrics::new(&mut r));
         Self {
             exposition: Arc::new(Metrics::new(r)),
@@ -53,6 +57,7 @@ impl AgentMetrics {
             fallbacks,
             verify,
             repair,
+            sidecar,
         }
     }
 }
@@ -106,6 +111,9 @@ mod tests {
             ("ambient_cni_verify_pass_seconds", "histogram"),
             ("ambient_cni_drift_watched_pods", "gauge"),
             ("ambient_cni_drift_notifications", "counter"),
+            ("ambient_cni_sidecar_adds", "counter"),
+            ("ambient_cni_sidecar_add_duration_seconds", "histogram"),
+            ("istio_cni_repair_pods_repaired", "counter"),
         ];
         let got: Vec<(&str, &str)> = e
             .families
@@ -147,6 +155,10 @@ mod tests {
         m.install.set_ready(true);
         m.fallbacks.add(2, 1);
         m.verify.repaired(iptables_rules::drift::DriftKind::Rules);
+        m.sidecar.add(
+            crate::mesh::sidecar_metrics::result::PROGRAMMED,
+            Duration::from_millis(4),
+        );
         let e = scrape(&m);
         let v = |n: &str, l: &[(&str, &str)]| e.value(n, l).unwrap_or_else(|| panic!("{n} {l:?}"));
         assert_eq!(
@@ -276,6 +288,21 @@ mod tests {
         assert_eq!(
             v("ambient_cni_verifications_total", &[("result", "clean")]),
             0.0
+        );
+        assert_eq!(
+            v(
+                "ambient_cni_sidecar_adds_total",
+                &[("result", "programmed")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            v("ambient_cni_sidecar_adds_total", &[("result", "invalid")]),
+            0.0
+        );
+        assert_eq!(
+            v("ambient_cni_sidecar_add_duration_seconds_count", &[]),
+            1.0
         );
     }
 }

@@ -11,6 +11,10 @@
 //! - pods the agent has seen, with their labels and their namespace's labels, and refuses.
 //!   The uid pins the very pod (a namesake created later is not listed).
 //!
+//! With sidecar mode on, a sidecar-injected pod needs the agent (its rules are programmed at
+//! ADD) and is never listed; and since any pod may be injected, only excluded namespaces are
+//! closed as a whole then.
+//!
 //! Everything else (unseen pods, pods whose namespace the agent has not seen) fails closed.
 //! These facts change only through API events the agent would see while it runs; while it
 //! is down they can go stale, which is why the file carries its write time, is rewritten
@@ -34,6 +38,7 @@ use tracing::{debug, warn};
 
 use crate::mesh::controller::Controller;
 use crate::mesh::policy::Policy;
+use crate::mesh::sidecar_policy::{decide, Mode};
 use crate::obs::fallbacks::FallbackMetrics;
 use crate::obs::metrics::Metrics;
 use crate::pods;
@@ -57,8 +62,12 @@ pub fn compute<'a>(
         .map(|n| (n, None))
         .chain(namespaces.iter().map(|(n, l)| (n, Some(l))))
         .filter(|(n, l)| {
+            let excluded = policy.exclude_namespaces.iter().any(|e| e == *n);
+            // Selectors say nothing about sidecar pods, which sidecar mode serves anywhere.
             listable(n, MAX_NAMESPACE)
-                && policy.namespace_excludes_all(n, l.unwrap_or(&BTreeMap::new()))
+                && (excluded
+                    || !policy.sidecar_mode
+                        && policy.namespace_excludes_all(n, l.unwrap_or(&BTreeMap::new())))
         })
         .map(|(n, _)| n.clone())
         .collect();
@@ -78,7 +87,8 @@ pub fn compute<'a>(
                 return None;
             }
             let ns_labels = namespaces.get(&id.namespace)?;
-            policy.evaluate(pod, ns_labels).is_err().then_some(PodKey {
+            let outside = matches!(decide(policy, pod, ns_labels), Mode::PassThrough(_));
+            outside.then_some(PodKey {
                 namespace: id.namespace,
                 name: id.name,
                 uid: id.uid,
@@ -243,11 +253,65 @@ mod tests {
             )
             .unwrap(),
             exclude_namespaces: vec!["kube-system".into(), "not listed?".into()],
+            sidecar_mode: false,
             ..Policy::default()
         };
         let d = compute(&p, &[pod("plain", "web", json!({}))], &namespaces(), 1);
         assert_eq!(d.namespaces, vec!["kube-system", "plain"]);
         assert!(d.pods.is_empty(), "covered by its namespace");
+        // Sidecar mode on: an unlabelled namespace may still hold injected pods.
+        let p = Policy {
+            sidecar_mode: true,
+            ..p
+        };
+        let d = compute(&p, &[pod("plain", "web", json!({}))], &namespaces(), 1);
+        assert_eq!(d.namespaces, vec!["kube-system"]);
+        assert_eq!(keys(&d), vec!["plain/web"]);
+    }
+
+    /// A pod shaped as Istio's injector leaves it with `pilot.cni.enabled=true`.
+    fn injected(ns: &str, name: &str) -> Pod {
+        let mut p = pod(ns, name, json!({}));
+        p.metadata.annotations = Some(BTreeMap::from([(
+            crate::mesh::policy::SIDECAR_STATUS.to_owned(),
+            "{}".to_owned(),
+        )]));
+        p.spec.as_mut().unwrap().containers = vec![k8s_openapi::api::core::v1::Container {
+            name: "istio-proxy".into(),
+            args: Some(vec!["proxy".into(), "sidecar".into()]),
+            ..Default::default()
+        }];
+        p
+    }
+
+    #[test]
+    fn sidecar_pods_need_the_agent_and_are_never_listed() {
+        let mut gateway = injected("plain", "gateway");
+        gateway.spec.as_mut().unwrap().containers[0].args =
+            Some(vec!["proxy".into(), "router".into()]);
+        let pods = [
+            injected("plain", "sidecar"),
+            injected("mesh", "sidecar-in-mesh-ns"),
+            gateway,
+            pod("plain", "web", json!({})),
+        ];
+        let d = compute(&Policy::default(), &pods, &namespaces(), 1);
+        assert_eq!(keys(&d), vec!["plain/gateway", "plain/web"]);
+        // Sidecar mode off: the agent does nothing for them, so they may pass.
+        let off = Policy {
+            sidecar_mode: false,
+            ..Policy::default()
+        };
+        let d = compute(&off, &pods, &namespaces(), 1);
+        assert_eq!(
+            keys(&d),
+            vec![
+                "mesh/sidecar-in-mesh-ns",
+                "plain/gateway",
+                "plain/sidecar",
+                "plain/web"
+            ]
+        );
     }
 
     #[test]

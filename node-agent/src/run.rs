@@ -105,8 +105,8 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         PodSourceKind::Local => None,
     };
     let redirector = Arc::new(redirector_from(args.rules_backend)?);
-    let rules_kind = redirector.kind();
     info!(backend = %redirector.kind(), "in-pod rules backend");
+    let backend_kind = redirector.kind();
     let source: Arc<dyn PodSource> = match args.pod_source {
         PodSourceKind::Local => {
             let dir = args
@@ -137,6 +137,10 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         PodSourceKind::Local => None,
     };
     let all_metrics = crate::agent_metrics::AgentMetrics::new();
+    let sidecar_status: Arc<dyn crate::mesh::hooks::StatusWriter> = match &status_queue {
+        Some(q) => q.clone(),
+        None => Arc::new(NoStatus),
+    };
     let enroller = Arc::new(Enroller::new(
         table,
         Effects {
@@ -156,7 +160,13 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     let sampled = enroller.clone();
     metrics.on_scrape(move || sampled.sample_metrics());
     let controller = Controller::new(policy, enroller, source, all_metrics.reconcile.clone());
-    start_repair(&args, &controller, rules_kind, host, &all_metrics).await?;
+    controller.set_sidecar(Arc::new(crate::mesh::sidecar::SidecarPath::new(
+        backend_kind,
+        Arc::new(HostNetns::new(args.host_proc.clone(), host)),
+        sidecar_status,
+        all_metrics.sidecar.clone(),
+    )));
+    start_repair(&args, &controller, backend_kind, host, &all_metrics).await?;
     let readiness = crate::obs::health::Readiness::agent();
     let ctl = controller.clone();
     readiness.check(crate::obs::health::POD_SOURCE_SYNCED, move || {

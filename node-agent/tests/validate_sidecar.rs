@@ -185,3 +185,67 @@ fn an_ipv6_pod_is_checked_on_ipv6_loopback() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(0), "{stderr}");
 }
+
+#[test]
+fn serve_answers_with_the_original_destination_port() {
+    if !root_or_skip() {
+        return;
+    }
+    let pod = pod_netns();
+    pod.sh(&[
+        "ip", "link", "add", "eth0", "type", "veth", "peer", "name", "peer0",
+    ]);
+    pod.sh(&["ip", "link", "set", "peer0", "up"]);
+    pod.sh(&["ip", "link", "set", "eth0", "up"]);
+    pod.sh(&["ip", "addr", "add", "10.44.2.5/24", "dev", "eth0"]);
+    pod.sh(&[
+        "iptables",
+        "-w",
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "tcp",
+        "-d",
+        "10.44.2.5/32",
+        "--dport",
+        "8080",
+        "-j",
+        "REDIRECT",
+        "--to-ports",
+        "15006",
+    ]);
+    let mut child = pod
+        .ns
+        .run(|| {
+            Command::new(AGENT)
+                .args(["validate-sidecar", "--serve"])
+                .uid(PROXY_UID)
+                .gid(PROXY_UID)
+                .spawn()
+        })
+        .unwrap()
+        .unwrap();
+    let got = pod
+        .ns
+        .run(|| {
+            use std::io::Read as _;
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                match std::net::TcpStream::connect("10.44.2.5:8080") {
+                    Ok(mut s) => {
+                        let mut out = String::new();
+                        let _ = s.read_to_string(&mut out);
+                        return out;
+                    }
+                    Err(e) if Instant::now() > deadline => return format!("connect: {e}"),
+                    Err(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        })
+        .unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_eq!(got, "8080");
+}

@@ -243,7 +243,7 @@ where
         Err(e) => return Err(log_add_error(log, pod, agent_error(e))),
     };
     match pb::Decision::try_from(resp.decision) {
-        Ok(pb::Decision::Captured) | Ok(pb::Decision::NotInMesh) => Ok(output),
+        Ok(pb::Decision::Captured | pb::Decision::NotInMesh | pb::Decision::Sidecar) => Ok(output),
         _ => Err(CniError::new(
             AGENT_PROTOCOL,
             format!("node agent gave no decision (got {})", resp.decision),
@@ -543,6 +543,57 @@ mod tests {
             let (out, read, counted) = run_down(e.clone(), "");
             assert_eq!((out.exit_code, code(&out)), (1, want), "{e:?}");
             assert!(!read && counted.is_empty(), "{e:?}");
+        }
+    }
+
+    /// An agent answering every ADD with one decision.
+    struct Decides(pb::Decision);
+
+    impl Agent for &Decides {
+        fn add(&self, _: pb::AddRequest) -> Result<pb::AddResponse, AgentError> {
+            Ok(pb::AddResponse {
+                decision: self.0 as i32,
+                message: String::new(),
+            })
+        }
+        fn del(&self, _: pb::DelRequest) -> Result<pb::DelResponse, AgentError> {
+            Ok(pb::DelResponse {})
+        }
+        fn check(&self, _: pb::CheckRequest) -> Result<pb::CheckResponse, AgentError> {
+            unreachable!()
+        }
+        fn status(&self, _: pb::StatusRequest) -> Result<pb::StatusResponse, AgentError> {
+            unreachable!()
+        }
+        fn gc(&self, _: pb::GcRequest) -> Result<pb::GcResponse, AgentError> {
+            unreachable!()
+        }
+        fn decisions(&self) -> Result<Vec<u8>, String> {
+            unreachable!()
+        }
+        fn record_fallback(&self, _: bool) -> Result<(), String> {
+            unreachable!()
+        }
+    }
+
+    #[test]
+    fn every_decision_but_unspecified_returns_prev_result() {
+        let conf = format!("{CONF}}}");
+        for (d, ok) in [
+            (pb::Decision::Captured, true),
+            (pb::Decision::NotInMesh, true),
+            (pb::Decision::Sidecar, true),
+            (pb::Decision::Unspecified, false),
+        ] {
+            let agent = Decides(d);
+            let out = run(&env("ADD"), conf.as_bytes(), |_| &agent);
+            let v: Value = serde_json::from_str(&out.stdout).unwrap();
+            if ok {
+                assert_eq!(out.exit_code, 0, "{d:?}: {}", out.stdout);
+                assert_eq!(v["ips"][0]["address"], "10.0.0.5/24", "{d:?}");
+            } else {
+                assert_eq!((out.exit_code, v["code"].as_u64()), (1, Some(101)));
+            }
         }
     }
 

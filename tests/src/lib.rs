@@ -558,6 +558,19 @@ pub fn write_pod(
     stem
 }
 
+/// Writes any Pod object (e.g. a sidecar-injected one) into a local pod source directory;
+/// returns its file stem.
+pub fn write_pod_object(pods_dir: &Path, pod: &Value) -> String {
+    let meta = &pod["metadata"];
+    let stem = format!(
+        "{}_{}",
+        meta["namespace"].as_str().unwrap_or_default(),
+        meta["name"].as_str().unwrap_or_default()
+    );
+    write_obj(&pods_dir.join("pods"), &stem, pod);
+    stem
+}
+
 /// Removes a Pod object from a local pod source directory.
 pub fn delete_pod(pods_dir: &Path, stem: &str) {
     let _ = std::fs::remove_file(pods_dir.join("pods").join(format!("{stem}.json")));

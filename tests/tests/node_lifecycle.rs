@@ -3,7 +3,8 @@
 //! the real helm, stock ztunnel as a host process on the socket the chart mounts, pods created
 //! through the API and started by the kubelet through containerd's CRI and the node's real CNI
 //! chain. Steps, in the words: install, upgrade, crash, the primary rewrites its
-//! conflist, sandbox recreated, uninstall; then the pod-start figures (mesh vs plain). The
+//! conflist, sandbox recreated, sidecar pods (side by side with ambient ones, and the race
+//! repair: `node_lifecycle/sidecar.rs`), uninstall; then the pod-start figures (mesh vs plain). The
 //! install is the migration from istio-cni (docs/migrating-from-istio-cni.md): the node starts
 //! with an `istio-cni` entry chained, our chart is installed with Istio's values file (refused,
 //! `/readyz` says why), the entry is removed as istio-cni's uninstall does, then we chain; it
@@ -31,6 +32,9 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
 use kube::Client;
 use serde_json::{json, Value};
+
+#[path = "node_lifecycle/sidecar.rs"]
+mod sidecar;
 
 const SYSTEM_NS: &str = "istio-system";
 const RELEASE: &str = "ambient-cni";
@@ -999,6 +1003,9 @@ fn node_lifecycle_install_upgrade_crash_repair_sandbox_uninstall() {
     pod_start_figures(&w);
     eprintln!("== 6. sandbox recreated ({:?})", t.elapsed());
     sandbox_recreated(&w, &client_ns);
+    eprintln!("== 7. sidecar pods ({:?})", t.elapsed());
+    sidecar::side_by_side(&mut w, &client_ns);
+    sidecar::race_repaired(&mut w, &client_ns);
     eprintln!("== 5. uninstall ({:?})", t.elapsed());
     uninstall(&mut w);
     eprintln!("== done ({:?})", t.elapsed());

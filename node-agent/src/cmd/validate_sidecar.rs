@@ -48,6 +48,11 @@ pub struct ValidateArgs {
     /// Give up after this many seconds (Istio's `PROBE_TIMEOUT`, 5s).
     #[arg(long, default_value = "5", value_parser = parse_seconds)]
     pub probe_timeout: Duration,
+    /// No check: stand in for the proxy until killed, listening on every address at the two
+    /// ports and answering each connection with its original destination port (tests, and to
+    /// see what a sidecar pod's rules redirect).
+    #[arg(long)]
+    pub serve: bool,
 }
 
 fn parse_seconds(s: &str) -> Result<Duration, String> {
@@ -125,6 +130,9 @@ fn local_addresses() -> Vec<IpAddr> {
 /// Runs the check; returns the exit status (0 redirected, 126 not).
 pub fn run(args: ValidateArgs) -> i32 {
     let plan = plan(&local_addresses(), &args);
+    if args.serve {
+        return serve_forever(&plan);
+    }
     eprintln!(
         "Starting iptables validation. This check verifies that iptables rules are properly established for the network."
     );
@@ -173,6 +181,34 @@ pub fn validate(plan: &Plan, probe_port: u16, timeout: Duration) -> Result<(), S
     done_rx
         .recv_timeout(timeout)
         .map_err(|_| "validation timeout".to_string())
+}
+
+/// `--serve`: the proxy stand-in, on the unspecified address of the plan's family.
+fn serve_forever(plan: &Plan) -> i32 {
+    let (tx, rx) = mpsc::channel::<()>();
+    for addr in &plan.listen {
+        let any = match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        };
+        let at = SocketAddr::new(any, addr.port());
+        match TcpListener::bind(at) {
+            Ok(l) => {
+                eprintln!("Serving on {at}");
+                let tx = tx.clone();
+                // Port 0 never matches: every connection is answered, none ends the loop.
+                std::thread::spawn(move || serve(l, 0, tx));
+            }
+            Err(e) => {
+                eprintln!("Error on listening on {at}: {e}");
+                return 1;
+            }
+        }
+    }
+    drop(tx);
+    // The serving threads never end; this returns only if they all die.
+    let _ = rx.recv();
+    1
 }
 
 /// Accepts connections; reports the first whose original destination port is `probe_port`.
@@ -239,6 +275,7 @@ mod tests {
             inbound_capture_port: 15006,
             probe_port: 15002,
             probe_timeout: Duration::from_secs(5),
+            serve: false,
         }
     }
 

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
-    ContainerState, ContainerStateTerminated, ContainerStatus, Namespace, Pod, PodSpec, PodStatus,
+    Container, ContainerState, ContainerStateTerminated, ContainerStatus, EnvVar, Namespace, Pod,
+    PodSpec, PodStatus, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
@@ -80,6 +81,12 @@ pub fn trim(pod: Pod) -> Pod {
         node_name: s.node_name,
         host_network: s.host_network,
         service_account_name: s.service_account_name,
+        // The sidecar decision and redirection read the containers (istio-proxy's args, env
+        // and run-as ids; istio-init's presence).
+        containers: s.containers.into_iter().map(trim_container).collect(),
+        init_containers: s
+            .init_containers
+            .map(|v| v.into_iter().map(trim_container).collect()),
         ..PodSpec::default()
     });
     let status = pod.status.map(|s| PodStatus {
@@ -105,6 +112,29 @@ pub fn trim(pod: Pod) -> Pod {
         },
         spec,
         status,
+    }
+}
+
+/// A container down to what the sidecar decision reads: name, args, literal env, run-as ids.
+fn trim_container(c: Container) -> Container {
+    Container {
+        name: c.name,
+        args: c.args,
+        env: c.env.map(|env| {
+            env.into_iter()
+                .map(|e| EnvVar {
+                    name: e.name,
+                    value: e.value,
+                    ..EnvVar::default()
+                })
+                .collect()
+        }),
+        security_context: c.security_context.map(|sc| SecurityContext {
+            run_as_user: sc.run_as_user,
+            run_as_group: sc.run_as_group,
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
     }
 }
 
@@ -351,6 +381,62 @@ mod tests {
     }
 
     #[test]
+    fn trim_keeps_what_the_sidecar_decision_and_repair_read() {
+        use crate::mesh::sidecar_policy::{decide, sidecar_inputs, Mode};
+        use crate::sidecar_repair::broken::{is_broken, BrokenFilter};
+        let full: Pod = serde_json::from_value(json!({
+            "metadata": {"namespace": "shop", "name": "web", "uid": "u9",
+                "annotations": {"sidecar.istio.io/status": "{}",
+                                "traffic.sidecar.istio.io/excludeOutboundPorts": "9000"}},
+            "spec": {
+                "nodeName": "n1",
+                "initContainers": [{"name": "istio-validation", "image": "proxyv2",
+                    "args": ["istio-iptables", "--run-validation"],
+                    "resources": {"limits": {"cpu": "1"}}}],
+                "containers": [
+                    {"name": "app", "image": "app", "ports": [{"containerPort": 80}]},
+                    {"name": "istio-proxy", "image": "proxyv2", "args": ["proxy", "sidecar"],
+                     "env": [{"name": "ISTIO_META_DNS_CAPTURE", "value": "true"},
+                             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                     "securityContext": {"runAsUser": 1337, "runAsGroup": 1337, "privileged": false},
+                     "volumeMounts": [{"name": "x", "mountPath": "/x"}]}
+                ]
+            },
+            "status": {"phase": "Pending", "podIP": "10.0.0.9",
+                "initContainerStatuses": [{"name": "istio-validation", "image": "proxyv2",
+                    "imageID": "sha256:1", "ready": false, "restartCount": 2,
+                    "containerID": "containerd://abc",
+                    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}},
+                    "lastState": {"terminated": {"exitCode": 126, "reason": "Error",
+                        "message": "iptables validation failed", "containerID": "containerd://abc",
+                        "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:00:05Z"}}}]}
+        }))
+        .unwrap();
+        let t = trim(full.clone());
+        let policy = crate::mesh::policy::Policy::default();
+        let ns = BTreeMap::new();
+        assert_eq!(decide(&policy, &t, &ns), Mode::Sidecar);
+        assert_eq!(decide(&policy, &t, &ns), decide(&policy, &full, &ns));
+        assert_eq!(sidecar_inputs(&t, &[]), sidecar_inputs(&full, &[]));
+        let filter = BrokenFilter {
+            sidecar_annotation: "sidecar.istio.io/status".into(),
+            init_container_name: "istio-validation".into(),
+            termination_message: "iptables validation failed".into(),
+            exit_code: 126,
+        };
+        assert!(is_broken(&t, &filter));
+        // Only what is read is kept (the cache holds every pod of the node).
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(v["spec"]["containers"][0], json!({"name": "app"}));
+        assert!(v["spec"]["containers"][1].get("volumeMounts").is_none());
+        assert_eq!(
+            v["status"]["initContainerStatuses"][0]["lastState"],
+            json!({"terminated": {"exitCode": 126, "reason": "Error",
+                                  "message": "iptables validation failed"}})
+        );
+    }
+
+    #[test]
     fn trim_keeps_what_the_agent_reads() {
         let t = trim(pod("u1", "p"));
         let v = serde_json::to_value(&t).unwrap();
@@ -360,7 +446,7 @@ mod tests {
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"namespace": "ns", "name": "p", "uid": "u1", "resourceVersion": "7",
                     "labels": {"a": "b"}, "annotations": {"x": "y"}},
-                "spec": {"nodeName": "n1", "hostNetwork": true, "serviceAccountName": "sa", "containers": []},
+                "spec": {"nodeName": "n1", "hostNetwork": true, "serviceAccountName": "sa", "containers": [{"name": "c"}]},
                 "status": {"phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}]}
             })
         );

@@ -18,6 +18,8 @@ use super::enroller::{EnrollError, Enroller, Request};
 use super::metrics::ReconcileMetrics;
 use super::policy::Policy;
 use super::rebuild::{rebuild, Wanted};
+use super::sidecar::{SidecarError, SidecarPath};
+use super::sidecar_policy::{decide, Mode};
 use super::table::{Held, Phase};
 use crate::inpod::zds::server::ZdsServer;
 use crate::plugin_server::PodHandler;
@@ -50,6 +52,8 @@ pub struct Controller {
     metrics: Arc<ReconcileMetrics>,
     /// The ZDS server once open (the agent shuts it down first at stop).
     zds: OnceLock<Arc<ZdsServer>>,
+    /// Programs sidecar-injected pods at ADD (sidecar mode).
+    sidecar: OnceLock<Arc<SidecarPath>>,
 }
 
 /// One pod's retry state: its backoff, and whether its one timer is scheduled.
@@ -84,7 +88,14 @@ impl Controller {
             retry_timers: Arc::new(AtomicUsize::new(0)),
             metrics,
             zds: OnceLock::new(),
+            sidecar: OnceLock::new(),
         })
+    }
+
+    /// Gives the controller its sidecar path (before [`Controller::start`]); without one,
+    /// the ADD of a pod the policy wants in sidecar mode fails.
+    pub fn set_sidecar(&self, path: Arc<SidecarPath>) {
+        let _ = self.sidecar.set(path);
     }
 
     fn cache(&self) -> MutexGuard<'_, Cache> {
@@ -446,6 +457,23 @@ impl Controller {
 }
 
 impl Controller {
+    /// A sidecar pod's ADD: programmed now (see [`super::sidecar`]), never held.
+    async fn add_sidecar(&self, pod: &Pod, req: &pb::AddRequest) -> Result<pb::Decision, Status> {
+        let Some(path) = self.sidecar.get() else {
+            return Err(Status::failed_precondition(format!(
+                "pod {}: sidecar mode is on but this agent cannot program sidecar pods",
+                pods::pod_id(pod)
+            )));
+        };
+        match path.add(pod, &req.netns, &ip_list(&req.ips)).await {
+            Ok(_) => Ok(pb::Decision::Sidecar),
+            Err(e @ (SidecarError::Invalid(_) | SidecarError::Netns { .. })) => {
+                Err(Status::invalid_argument(e.to_string()))
+            }
+            Err(e @ SidecarError::Rules { .. }) => Err(Status::failed_precondition(e.to_string())),
+        }
+    }
+
     /// The held pod a plugin request names: by UID when it carries one, else by name.
     fn held_for(&self, pref: &pb::PodRef) -> Option<Held> {
         if pref.uid.is_empty() {
@@ -476,9 +504,13 @@ impl PodHandler for Controller {
             .metrics()
             .add_phase(super::metrics::AddPhase::Lookup, t.elapsed());
         let found = found?;
-        if let Err(skip) = self.policy.evaluate(&found.pod, &found.namespace_labels) {
-            debug!(namespace = %pref.namespace, pod = %pref.name, reason = %skip, "not in mesh");
-            return Ok(pb::Decision::NotInMesh);
+        match decide(&self.policy, &found.pod, &found.namespace_labels) {
+            Mode::Ambient => {}
+            Mode::Sidecar => return self.add_sidecar(&found.pod, &req).await,
+            Mode::PassThrough(why) => {
+                debug!(namespace = %pref.namespace, pod = %pref.name, reason = %why, "not in mesh");
+                return Ok(pb::Decision::NotInMesh);
+            }
         }
         let (cfg, warnings) = self.policy.inpod_config(&found.pod);
         let id = pods::pod_id(&found.pod);

@@ -13,6 +13,8 @@ pub mod persist;
 pub mod policy;
 pub mod rebuild;
 pub mod rules;
+pub mod sidecar;
+pub mod sidecar_metrics;
 pub mod sidecar_policy;
 pub mod status_queue;
 pub mod table;

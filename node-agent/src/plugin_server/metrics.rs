@@ -15,6 +15,8 @@ pub mod result {
     pub const CAPTURED: &str = "captured";
     /// ADD: the pod is not in the mesh.
     pub const NOT_IN_MESH: &str = "not_in_mesh";
+    /// ADD: a sidecar-injected pod got Istio's sidecar redirection.
+    pub const SIDECAR: &str = "sidecar";
     /// DEL, CHECK (in place), STATUS (ready), GC: done.
     pub const OK: &str = "ok";
     /// CHECK found missing redirection, STATUS not ready.
@@ -80,6 +82,7 @@ impl PluginMetrics {
         for result in [
             result::CAPTURED,
             result::NOT_IN_MESH,
+            result::SIDECAR,
             result::UNAVAILABLE,
             result::REFUSED,
             result::ERROR,
@@ -104,7 +107,7 @@ impl PluginMetrics {
             .inc();
         if command == "ADD" {
             let response_code = match result {
-                result::CAPTURED | result::NOT_IN_MESH | result::OK => "200",
+                result::CAPTURED | result::NOT_IN_MESH | result::SIDECAR | result::OK => "200",
                 result::REFUSED => "400",
                 result::UNAVAILABLE => "503",
                 _ => "500",
@@ -136,6 +139,7 @@ pub fn status_result(s: &tonic::Status) -> &'static str {
 pub fn add_result(r: &Result<pb::Decision, tonic::Status>) -> &'static str {
     match r {
         Ok(pb::Decision::Captured) => result::CAPTURED,
+        Ok(pb::Decision::Sidecar) => result::SIDECAR,
         Ok(_) => result::NOT_IN_MESH,
         Err(s) => status_result(s),
     }
@@ -158,6 +162,7 @@ mod tests {
     fn result_labels_follow_the_outcome() {
         assert_eq!(add_result(&Ok(pb::Decision::Captured)), "captured");
         assert_eq!(add_result(&Ok(pb::Decision::NotInMesh)), "not_in_mesh");
+        assert_eq!(add_result(&Ok(pb::Decision::Sidecar)), "sidecar");
         assert_eq!(
             add_result(&Err(tonic::Status::unavailable("x"))),
             "unavailable"
