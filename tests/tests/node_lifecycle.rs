@@ -4,8 +4,8 @@
 //! through the API and started by the kubelet through containerd's CRI and the node's real CNI
 //! chain. Steps, in the words: install, upgrade, crash, the primary rewrites its
 //! conflist, sandbox recreated, sidecar pods (side by side with ambient ones, and the race
-//! repair: `node_lifecycle/sidecar.rs`), uninstall; then the pod-start figures (mesh vs plain). The
-//! install is the migration from istio-cni (docs/migrating-from-istio-cni.md): the node starts
+//! repair: `node_lifecycle/sidecar.rs`), uninstall; then the pod-start figures (mesh vs
+//! plain). The install is the migration from istio-cni (docs/migrating-from-istio-cni.md): the node starts
 //! with an `istio-cni` entry chained, our chart is installed with Istio's values file (refused,
 //! `/readyz` says why), the entry is removed as istio-cni's uninstall does, then we chain; it
 //! also sets `logLevel`/`global.logAsJson` and checks the agent's log (the upgrade resets them).

@@ -110,7 +110,11 @@ impl World {
     /// ztunnel listener; inbound from the client lands on the proxy's 15006 with its port.
     fn assert_sidecar_captured(&self, what: &str, p: &Pod, client: &NamedNetns) {
         let ns = self.netns_of(p);
-        assert!(has_sidecar_rules(&ns), "{what}: no sidecar rules\n{}", self.diag());
+        assert!(
+            has_sidecar_rules(&ns),
+            "{what}: no sidecar rules\n{}",
+            self.diag()
+        );
         assert!(!has_ambient_rules(&ns), "{what}: has ambient rules");
         let zt = self.zt().pid();
         assert!(
@@ -156,7 +160,8 @@ pub fn side_by_side(w: &mut World, client_ns: &NamedNetns) {
     eprintln!("sidecar pod created -> Ready: {:?}", t.elapsed());
     let v = validation(&p).expect("istio-validation status");
     assert_eq!(
-        v.restart_count, 0,
+        v.restart_count,
+        0,
         "the validation failed before passing: {v:?}\n{}",
         w.diag()
     );
@@ -190,7 +195,10 @@ pub fn race_repaired(w: &mut World, client_ns: &NamedNetns) {
         },
     );
     let broken = last.expect("sc-race");
-    eprintln!("no plugin chained -> sc-race's validation exits 126: {:?}", t.elapsed());
+    eprintln!(
+        "no plugin chained -> sc-race's validation exits 126: {:?}",
+        t.elapsed()
+    );
     assert!(!is_ready(&broken));
 
     let back = Instant::now();
