@@ -104,9 +104,8 @@ pub fn first_pod_address(addrs: &[IpAddr]) -> Option<IpAddr> {
     addrs.iter().map(|a| a.to_canonical()).find(|a| match a {
         IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local() && !v4.is_multicast(),
         IpAddr::V6(v6) => {
-            !v6.is_loopback()
-                && !v6.is_unicast_link_local()
-                && !(v6.is_multicast() && (v6.segments()[0] & 0x000f) == 2)
+            let link_local_multicast = v6.is_multicast() && (v6.segments()[0] & 0x000f) == 2;
+            !(v6.is_loopback() || v6.is_unicast_link_local() || link_local_multicast)
         }
     })
 }
