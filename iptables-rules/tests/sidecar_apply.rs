@@ -37,7 +37,10 @@ fn snapshot(ns: &NamedNetns) -> String {
         &["ip6tables-nft-save"],
         &["ip", "rule"],
         &["ip", "-6", "rule"],
+        &["ip", "route", "show", "table", "133"],
+        &["ip", "-6", "route", "show", "table", "133"],
     ] {
+        // A never-used route table is an error to show, an emptied one is empty: both "none".
         let out = ns.exec_stdin(cmd, "").unwrap_or_default();
         s.push_str(&format!(
             "== {}\n{}\n",
@@ -46,6 +49,13 @@ fn snapshot(ns: &NamedNetns) -> String {
         ));
     }
     s
+}
+
+/// [`snapshot`] plus the whole nf_tables ruleset (for the native backend; the chain order
+/// iptables-nft leaves differs between a replaced and a fresh netns, so not for iptables).
+fn snapshot_all(ns: &NamedNetns) -> String {
+    let nft = ns.exec(&["nft", "list", "ruleset"]);
+    format!("{}== nft\n{}\n", snapshot(ns), normalize::nft_list(&nft))
 }
 
 #[test]
@@ -131,6 +141,39 @@ fn sidecar_failure_in_the_second_family_leaves_nothing() {
     let with_old = snapshot(&ns);
     apply_iptables(&ipt, &ns.open(), &dual).unwrap_err();
     assert_eq!(snapshot(&ns), with_old);
+}
+
+#[test]
+fn sidecar_failing_tproxy_route_rolls_back_the_rules() {
+    if !root_or_skip("sidecar_failing_tproxy_route_rolls_back_the_rules") {
+        return;
+    }
+    for kind in BackendKind::ALL {
+        let ns = NamedNetns::new("scroute");
+        // With lo down the IPv6 local route is refused (ENETDOWN) after the rules went in.
+        ns.exec(&["ip", "link", "set", "lo", "down"]);
+        let before = snapshot_all(&ns);
+        let mut dual = inputs(
+            &[("sidecar.istio.io/interceptionMode", "TPROXY")],
+            &[("ISTIO_DUAL_STACK", "true")],
+            "10.1.0.2",
+        );
+        dual.pod_ips.push("fd01::2".parse().unwrap());
+        let cfg = SidecarConfig::from_inputs(&dual).unwrap();
+        let err = SidecarRedirector::new(kind)
+            .apply(&ns.open(), &cfg)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&ns.name) && err.contains("table 133"),
+            "{kind}: {err}"
+        );
+        assert_eq!(
+            snapshot_all(&ns),
+            before,
+            "{kind}: failed apply left state: {err}"
+        );
+    }
 }
 
 #[test]
@@ -243,15 +286,4 @@ fn sidecar_nft_uses_its_own_tables_reapplies_as_a_no_op_and_replaces() {
         "{}",
         list(&ns)
     );
-    if std::env::var_os("SHOW_NFT").is_some() {
-        let both = SidecarConfig::from_inputs(&inputs(
-            &[("sidecar.istio.io/interceptionMode", "TPROXY")],
-            &[("ISTIO_META_DNS_CAPTURE", "true"), ("INVALID_DROP", "true")],
-            "fd01::2",
-        ))
-        .unwrap();
-        let show = NamedNetns::new("scshow");
-        r.apply(&show.open(), &both).unwrap();
-        eprintln!("{}", show.exec(&["nft", "list", "ruleset"]));
-    }
 }

@@ -158,9 +158,10 @@ fn sidecar_iptables_legacy_kernel_state_equals_goldens() {
     }
 }
 
-/// Istio's IPv6 cases (`tests/sidecar_v6/`) with the annotations that give the tool's flags.
-fn v6_cases() -> Vec<(&'static str, SidecarInputs)> {
-    let pod = |extra: &[(&str, &str)]| {
+/// Istio's rule-generator cases (`tests/sidecar_tool_goldens/`) a pod's annotations can
+/// express, with the annotations that give the tool's flags; `v6` pods get IPv6 rules too.
+fn tool_cases() -> Vec<(&'static str, SidecarInputs)> {
+    let pod = |v6: bool, extra: &[(&str, &str)], env: &[(&str, &str)]| {
         // The tool's test defaults: no outbound capture by CIDR, no inbound ports, no
         // excluded outbound ports.
         let mut annotations: BTreeMap<String, String> = [
@@ -174,93 +175,144 @@ fn v6_cases() -> Vec<(&'static str, SidecarInputs)> {
         for (k, v) in extra {
             annotations.insert(k.to_string(), v.to_string());
         }
+        let ip = if v6 { "fd00:10:244::9" } else { "10.244.1.9" };
         SidecarInputs {
-            pod: "default/golden6".into(),
+            pod: "default/tool".into(),
             annotations,
-            pod_ips: vec!["fd00:10:244::9".parse().unwrap()],
+            proxy_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            pod_ips: vec![ip.parse().unwrap()],
             ..SidecarInputs::default()
         }
     };
     let ports = ("traffic.sidecar.istio.io/includeInboundPorts", "4000,5000");
     let vifs = ("istio.io/reroute-virtual-interfaces", "eth0,eth1");
+    let vifs12 = ("istio.io/reroute-virtual-interfaces", "eth1,eth2");
+    let ten = (
+        "traffic.sidecar.istio.io/includeOutboundIPRanges",
+        "10.0.0.0/8",
+    );
+    let ports32 = (
+        "traffic.sidecar.istio.io/includeInboundPorts",
+        "32000,31000",
+    );
+    let out32 = (
+        "traffic.sidecar.istio.io/includeOutboundPorts",
+        "32000,31000",
+    );
+    let tproxy = ("sidecar.istio.io/interceptionMode", "TPROXY");
     vec![
-        ("ipv6-empty-inbound-ports", pod(&[])),
-        ("ipv6-inbound-ports", pod(&[ports])),
-        ("ipv6-virt-interfaces", pod(&[ports, vifs])),
+        ("empty", pod(false, &[], &[])),
+        (
+            "kube-virt-interfaces",
+            pod(
+                false,
+                &[
+                    vifs12,
+                    ("traffic.sidecar.istio.io/includeOutboundIPRanges", "*"),
+                ],
+                &[],
+            ),
+        ),
+        ("ipnets", pod(false, &[ten], &[])),
+        (
+            "ipnets-with-kube-virt-interfaces",
+            pod(false, &[vifs12, ten], &[]),
+        ),
+        ("inbound-ports-include", pod(false, &[ports32], &[])),
+        ("inbound-ports-tproxy", pod(false, &[ports32, tproxy], &[])),
+        ("outbound-ports-include", pod(false, &[out32], &[])),
+        (
+            "basic-exclude-nic",
+            pod(
+                false,
+                &[(
+                    "traffic.sidecar.istio.io/excludeInterfaces",
+                    "not-istio-nic",
+                )],
+                &[],
+            ),
+        ),
+        ("drop-invalid", pod(false, &[], &[("INVALID_DROP", "true")])),
+        ("ipv6-empty-inbound-ports", pod(true, &[], &[])),
+        ("ipv6-inbound-ports", pod(true, &[ports], &[])),
+        ("ipv6-virt-interfaces", pod(true, &[ports, vifs], &[])),
         (
             "ipv6-ipnets",
-            pod(&[
-                ports,
-                vifs,
-                ("traffic.sidecar.istio.io/excludeInboundPorts", "6000,7000,"),
-                (
-                    "traffic.sidecar.istio.io/excludeOutboundIPRanges",
-                    "2001:db8::/32",
-                ),
-                (
-                    "traffic.sidecar.istio.io/includeOutboundIPRanges",
-                    "2001:db8::/32",
-                ),
-            ]),
+            pod(
+                true,
+                &[
+                    ports,
+                    vifs,
+                    ("traffic.sidecar.istio.io/excludeInboundPorts", "6000,7000,"),
+                    (
+                        "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                        "2001:db8::/32",
+                    ),
+                    (
+                        "traffic.sidecar.istio.io/includeOutboundIPRanges",
+                        "2001:db8::/32",
+                    ),
+                ],
+                &[],
+            ),
         ),
-        (
-            "ipv6-outbound-ports",
-            pod(&[(
-                "traffic.sidecar.istio.io/includeOutboundPorts",
-                "32000,31000",
-            )]),
-        ),
+        ("ipv6-outbound-ports", pod(true, &[out32], &[])),
     ]
 }
 
-/// A tool golden's restore payloads: (IPv4, IPv6).
-fn v6_golden(name: &str) -> (String, String) {
+/// A tool golden's restore payloads: (IPv4, IPv6; empty when the case has none).
+fn tool_golden(name: &str) -> (String, String) {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/sidecar_v6")
+        .join("tests/sidecar_tool_goldens")
         .join(format!("{name}.golden"));
     let text = std::fs::read_to_string(path).unwrap();
     // The executed commands around the payloads are `iptables-save`/`ip6tables-save`;
     // the IPv6 payload starts at the second occurrence of the first table header.
     let lines: Vec<&str> = text
         .lines()
-        .filter(|l| !l.ends_with("tables-save"))
+        .filter(|l| !l.ends_with("tables-save") && !l.is_empty())
         .collect();
     let split = lines
         .iter()
         .skip(1)
         .position(|l| *l == lines[0])
         .map(|i| i + 1)
-        .expect("an IPv6 payload");
+        .unwrap_or(lines.len());
     let join = |ls: &[&str]| ls.iter().map(|l| format!("{l}\n")).collect::<String>();
     (join(&lines[..split]), join(&lines[split..]))
 }
 
 #[test]
-fn sidecar_ipv6_restore_text_equals_istio() {
-    for (name, inputs) in v6_cases() {
+fn sidecar_tool_goldens_restore_text_equals_istio() {
+    for (name, inputs) in tool_cases() {
         let cfg = SidecarConfig::from_inputs(&inputs).unwrap();
-        assert!(cfg.ipv6(), "{name}");
-        let (g4, g6) = v6_golden(name);
+        let (g4, g6) = tool_golden(name);
+        assert_eq!(cfg.ipv6(), !g6.is_empty(), "{name}");
         assert_eq!(cfg.iptables_restore(Family::V4), g4, "{name} IPv4");
         assert_eq!(cfg.iptables_restore(Family::V6), g6, "{name} IPv6");
     }
 }
 
 #[test]
-fn sidecar_ipv6_kernel_state_equals_istio() {
-    if !root_or_skip("sidecar_ipv6_kernel_state_equals_istio") {
+fn sidecar_tool_goldens_kernel_state_equals_istio() {
+    if !root_or_skip("sidecar_tool_goldens_kernel_state_equals_istio") {
         return;
     }
     let ipt = Iptables::with_binary(Flavor::Nft, "iptables-nft");
-    for (name, inputs) in v6_cases() {
+    for (name, inputs) in tool_cases() {
         let cfg = SidecarConfig::from_inputs(&inputs).unwrap();
-        let (g4, g6) = v6_golden(name);
-        let gold = NamedNetns::new("scgold6");
-        let ours = NamedNetns::new("scours6");
+        let (g4, g6) = tool_golden(name);
+        let gold = NamedNetns::new("sctgold");
+        let ours = NamedNetns::new("sctours");
         gold.exec_stdin(&["iptables-nft-restore", "--noflush"], &g4)
             .unwrap();
-        gold.exec_stdin(&["ip6tables-nft-restore", "--noflush"], &g6)
-            .unwrap();
+        if !g6.is_empty() {
+            gold.exec_stdin(&["ip6tables-nft-restore", "--noflush"], &g6)
+                .unwrap();
+        }
         apply_iptables(&ipt, &ours.open(), &cfg).unwrap();
         for save in ["iptables-nft-save", "ip6tables-nft-save"] {
             assert_eq!(
@@ -269,16 +321,24 @@ fn sidecar_ipv6_kernel_state_equals_istio() {
                 "{name} {save}"
             );
         }
-        let (_, v6) = rules(&cfg);
+        let (v4, v6) = rules(&cfg);
+        assert_eq!(
+            state_from_save(&gold.exec(&["iptables-nft-save"])),
+            expected_state(&v4, Family::V4),
+            "{name}: canonical IPv4 save form"
+        );
         assert_eq!(
             state_from_save(&gold.exec(&["ip6tables-nft-save"])),
             expected_state(&v6, Family::V6),
             "{name}: canonical IPv6 save form"
         );
-        assert!(
-            matches_iptables(&ipt, &gold.open(), &cfg).unwrap(),
-            "{name}"
-        );
+        // TPROXY also wants its route, which a bare restore does not add.
+        if cfg.mode().as_str() == "REDIRECT" {
+            assert!(
+                matches_iptables(&ipt, &gold.open(), &cfg).unwrap(),
+                "{name}"
+            );
+        }
         assert!(
             matches_iptables(&ipt, &ours.open(), &cfg).unwrap(),
             "{name}"

@@ -1505,3 +1505,69 @@ fn sigterm_keeps_the_plugin_while_our_daemonset_exists_and_removes_it_on_uninsta
         "{log}"
     );
 }
+
+/// Sidecar mode (issue 20): a sidecar-injected pod whose annotation Istio would refuse fails
+/// its ADD with a CNI error naming the key, and the agent records a Warning Event on the pod
+/// (what `kubectl describe pod` shows), nothing installed.
+#[test]
+fn sidecar_pod_with_a_bad_annotation_fails_its_add_and_gets_a_warning_event() {
+    let test = "sidecar_pod_with_a_bad_annotation_fails_its_add_and_gets_a_warning_event";
+    let Some(peer) = kube_peer(test) else {
+        return;
+    };
+    let mut c = Cluster::new(peer, "sc");
+    let shop = format!("ik-{}-shop", c.suffix);
+    c.namespace(&shop, json!({}));
+    let kc = c.agent_kubeconfig();
+    let node = c.node();
+    let dir = TempDir::new("acni-iksc");
+    let agent = AgentProcess::start_kube(&dir.0, &kc, &node, &["--rules-backend", "iptables"]);
+    let key = "traffic.sidecar.istio.io/includeInboundPorts";
+    let p: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "reviews",
+                     "annotations": {"sidecar.istio.io/status": "true", key: "80,x"}},
+        "spec": {"nodeName": node, "serviceAccountName": WORKLOAD_SA,
+            "automountServiceAccountToken": false,
+            "initContainers": [{"name": "istio-validation", "image": "proxyv2"}],
+            "containers": [{"name": "app", "image": "app"},
+                           {"name": "istio-proxy", "image": "proxyv2", "args": ["proxy", "sidecar"]}]},
+    }))
+    .expect("pod");
+    let api: Api<Pod> = Api::namespaced(c.admin.clone(), &shop);
+    let uid =
+        c.rt.block_on(api.create(&PostParams::default(), &p))
+            .expect("create pod")
+            .metadata
+            .uid
+            .expect("uid");
+    let bridge = HostLink(unique("acbr"));
+    let chain = chain(&dir, &bridge, 73);
+    let pod_ns = NamedNetns::new();
+    let att = Attachment::pod(&pod_ns.path(), &shop, "reviews", &uid);
+    let Err((idx, exec)) = chain.add(&att) else {
+        panic!(
+            "a refused annotation must fail the ADD\n{}",
+            agent.log_text()
+        );
+    };
+    assert_eq!(idx, 1, "our plugin failed, not the bridge: {exec:?}");
+    let v = exec.assert_error(100);
+    let msg = v["msg"].as_str().unwrap_or_default().to_owned();
+    assert!(msg.contains(key) && msg.contains("80,x"), "{msg}");
+    assert_eq!(rules_count(&pod_ns), 0);
+    assert!(!pod_ns
+        .exec(&["iptables-save"])
+        .stdout
+        .windows(6)
+        .any(|w| w == b"ISTIO_"));
+    wait("the Warning Event on the pod", &agent, || {
+        !c.events(&shop, "reviews", "SidecarRedirectionInvalid")
+            .is_empty()
+    });
+    let e = &c.events(&shop, "reviews", "SidecarRedirectionInvalid")[0];
+    assert_eq!(e.type_.as_deref(), Some("Warning"));
+    let text = e.message.as_deref().unwrap_or_default();
+    assert!(text.contains(key) && text.contains("80,x"), "{text}");
+    chain.del(&att, None).expect("DEL");
+    drop(agent);
+}

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 const LONG: Duration = Duration::from_secs(15);
 
-/// One agent (iptables backend) + stand-in; namespaces `mesh` (ambient) and `shop` (plain).
+/// One agent + stand-in; namespaces `mesh` (ambient) and `shop` (plain).
 struct Node {
     dir: TempDir,
     agent: AgentProcess,
@@ -23,7 +23,7 @@ struct Node {
 }
 
 impl Node {
-    fn new(subnet: u8) -> Self {
+    fn new(backend: &str, subnet: u8) -> Self {
         let dir = TempDir::new("acni-sidecar");
         write_namespace(
             &dir.join("pods"),
@@ -33,7 +33,7 @@ impl Node {
         write_namespace(&dir.join("pods"), "shop", json!({}));
         let agent = AgentProcess::start(
             &dir.0,
-            &["--rules-backend", "iptables", "--verify-interval", "0"],
+            &["--rules-backend", backend, "--verify-interval", "0"],
         );
         let standin = Standin::start(&dir.join("ztunnel.sock"), &dir.join("standin.jsonl"), &[]);
         assert!(
@@ -170,18 +170,46 @@ fn has_istio_chains(ns: &NamedNetns) -> bool {
     saved(ns).contains("ISTIO_")
 }
 
-#[test]
-fn sidecar_and_ambient_pods_side_by_side_each_get_their_own_capture() {
-    if !require_root("sidecar_and_ambient_pods_side_by_side_each_get_their_own_capture") {
-        return;
+/// `nft list tables` of a netns.
+fn nft_tables(ns: &NamedNetns) -> String {
+    String::from_utf8_lossy(&ns.exec(&["nft", "list", "tables"]).stdout).into_owned()
+}
+
+/// The sidecar pod holds Istio's sidecar rules and nothing of the ambient capture.
+fn assert_sidecar_rules(backend: &str, ns: &NamedNetns) {
+    if backend == "iptables" {
+        assert_istio_rules(ns, "basic");
+    } else {
+        // Istio's nft table names (the rules themselves are compared in iptables-rules).
+        let tables = nft_tables(ns);
+        assert!(tables.contains("table ip istio-proxy-nat"), "{tables}");
+        assert!(!tables.contains("istio-ambient"), "{tables}");
+        assert!(!has_istio_chains(ns), "{}", saved(ns));
     }
-    let node = Node::new(1);
+}
+
+#[test]
+fn sidecar_and_ambient_pods_side_by_side_each_get_their_own_capture_iptables() {
+    if require_root("sidecar_and_ambient_pods_side_by_side_each_get_their_own_capture_iptables") {
+        side_by_side("iptables", 1);
+    }
+}
+
+#[test]
+fn sidecar_and_ambient_pods_side_by_side_each_get_their_own_capture_nftables() {
+    if require_root("sidecar_and_ambient_pods_side_by_side_each_get_their_own_capture_nftables") {
+        side_by_side("nftables", 4);
+    }
+}
+
+fn side_by_side(backend: &str, subnet: u8) {
+    let node = Node::new(backend, subnet);
     let (side, side_att, res) = node.add(injected("mesh", "reviews"));
     let results = res
         .unwrap_or_else(|(i, e)| panic!("ADD plugin {i}: {e:?}\nagent: {}", node.agent.log_text()));
     assert_eq!(results[1], results[0], "output is the prevResult");
     // Istio's rules, exactly (a namespace labelled ambient does not make it ambient).
-    assert_istio_rules(&side, "basic");
+    assert_sidecar_rules(backend, &side);
     let side_uid = side_att.args.rsplit("K8S_POD_UID=").next().unwrap();
 
     // An ambient pod beside it: ambient capture only, and ztunnel gets it.
@@ -189,9 +217,15 @@ fn sidecar_and_ambient_pods_side_by_side_each_get_their_own_capture() {
     app["metadata"]["annotations"] = json!({});
     let (amb, amb_att, res) = node.add(app);
     res.unwrap_or_else(|(i, e)| panic!("ADD plugin {i}: {e:?}\n{}", node.agent.log_text()));
-    let amb_rules = saved(&amb);
-    assert!(amb_rules.contains("ISTIO_PRERT"), "{amb_rules}");
-    assert!(!amb_rules.contains("ISTIO_INBOUND"), "{amb_rules}");
+    if backend == "iptables" {
+        let amb_rules = saved(&amb);
+        assert!(amb_rules.contains("ISTIO_PRERT"), "{amb_rules}");
+        assert!(!amb_rules.contains("ISTIO_INBOUND"), "{amb_rules}");
+    } else {
+        let tables = nft_tables(&amb);
+        assert!(tables.contains("istio-ambient-nat"), "{tables}");
+        assert!(!tables.contains("istio-proxy"), "{tables}");
+    }
     let amb_uid = amb_att.args.rsplit("K8S_POD_UID=").next().unwrap();
     assert!(
         wait_for(LONG, || node.ztunnel_knows(amb_uid)),
@@ -199,14 +233,14 @@ fn sidecar_and_ambient_pods_side_by_side_each_get_their_own_capture() {
         node.standin.events()
     );
     assert!(!node.ztunnel_knows(side_uid), "sidecar pod sent to ztunnel");
-    assert_istio_rules(&side, "basic");
+    assert_sidecar_rules(backend, &side);
 
     // Re-ADD of the sidecar pod (our plugin again, as a runtime retrying): nothing written.
     let chain = node.chain();
     let entry = chain.conflist["plugins"][1].clone();
     let again = chain.exec_one("ADD", &entry, &side_att, Some(&results[0]));
     assert_eq!(again.code, 0, "{again:?}");
-    assert_istio_rules(&side, "basic");
+    assert_sidecar_rules(backend, &side);
     let log = node.agent.log_text();
     assert!(
         log.lines()
@@ -222,7 +256,7 @@ fn pods_that_are_not_sidecars_to_serve_pass_through_untouched() {
     if !require_root("pods_that_are_not_sidecars_to_serve_pass_through_untouched") {
         return;
     }
-    let node = Node::new(2);
+    let node = Node::new("iptables", 2);
     let mut inject_off = injected("shop", "inject-off");
     inject_off["metadata"]["labels"] = json!({"sidecar.istio.io/inject": "false"});
     let mut gateway = injected("shop", "gateway");
@@ -249,7 +283,7 @@ fn a_bad_annotation_fails_the_add_naming_the_key_and_installs_nothing() {
     if !require_root("a_bad_annotation_fails_the_add_naming_the_key_and_installs_nothing") {
         return;
     }
-    let node = Node::new(3);
+    let node = Node::new("iptables", 3);
     let key = "traffic.sidecar.istio.io/excludeOutboundPorts";
     let mut pod = injected("shop", "bad-ports");
     pod["metadata"]["annotations"][key] = json!("80,http");

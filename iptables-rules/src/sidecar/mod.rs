@@ -41,7 +41,7 @@ pub struct SidecarInputs {
     pub proxy_uid: Option<i64>,
     /// `istio-proxy` `securityContext.runAsGroup` (1337 when unset or 0).
     pub proxy_gid: Option<i64>,
-    /// The pod's addresses in prevResult order (the IPv6 decision reads them).
+    /// The pod's addresses (from prevResult; the IPv6 decision reads them, order aside).
     pub pod_ips: Vec<IpAddr>,
 }
 
@@ -234,8 +234,13 @@ pub struct SidecarRedirector {
 }
 
 impl SidecarRedirector {
-    /// A redirector for `kind`.
+    /// A redirector for `kind`. For iptables this detects the flavour now (once per
+    /// process), so call it at start in the host netns, not first on a pod's ADD.
     pub fn new(kind: BackendKind) -> Self {
+        if kind == BackendKind::Iptables {
+            // A detection failure is reported by every apply/matches.
+            let _ = iptables();
+        }
         Self { kind }
     }
 

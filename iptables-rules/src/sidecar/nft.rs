@@ -436,3 +436,84 @@ fn lower_target(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sidecar::generate::rules;
+    use crate::sidecar::{SidecarConfig, SidecarInputs};
+
+    fn cfg(ann: &[(&str, &str)], env: &[(&str, &str)], ip: &str) -> SidecarConfig {
+        SidecarConfig::from_inputs(&SidecarInputs {
+            pod: "ns/p".into(),
+            annotations: ann
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            proxy_env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            pod_ips: vec![ip.parse().unwrap()],
+            ..SidecarInputs::default()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn every_rule_kind_lowers_in_both_families() {
+        let all = cfg(
+            &[
+                ("sidecar.istio.io/interceptionMode", "TPROXY"),
+                (
+                    "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+                    "10.0.0.0/9,fd00::/7",
+                ),
+                ("traffic.sidecar.istio.io/includeOutboundPorts", "7777"),
+                ("traffic.sidecar.istio.io/excludeInterfaces", "eth9"),
+                ("istio.io/reroute-virtual-interfaces", "tun0"),
+            ],
+            &[("ISTIO_META_DNS_CAPTURE", "true"), ("INVALID_DROP", "true")],
+            "fd00::2",
+        );
+        let (v4, v6) = rules(&all);
+        for (rules, fam) in [(&v4, Family::V4), (&v6, Family::V6)] {
+            let tables = lower(rules, fam).unwrap();
+            let names: Vec<&str> = tables.iter().map(|t| t.name.as_str()).collect();
+            assert_eq!(
+                names,
+                ["istio-proxy-nat", "istio-proxy-mangle", "istio-proxy-raw"]
+            );
+            let n: usize = tables
+                .iter()
+                .flat_map(|t| &t.chains)
+                .map(|c| c.rules.len())
+                .sum();
+            assert_eq!(n, rules.len(), "{fam:?}: one nft rule per iptables rule");
+        }
+    }
+
+    #[test]
+    fn tproxy_rule_is_tproxy_then_mark_then_accept() {
+        let p: Vec<String> =
+            "! -d 127.0.0.1/32 -p tcp -j TPROXY --tproxy-mark 1337/0xffffffff --on-port 15006"
+                .split(' ')
+                .map(str::to_owned)
+                .collect();
+        let e = lower_rule(&p, Family::V4).unwrap();
+        let tail: Vec<&str> = e.iter().rev().take(5).map(Expr::name).collect();
+        assert_eq!(
+            tail,
+            ["immediate", "meta", "immediate", "tproxy", "immediate"]
+        );
+        assert_eq!(e.last(), Some(&Expr::Verdict(Verdict::Accept)));
+    }
+
+    #[test]
+    fn unknown_parts_are_errors_not_panics() {
+        for p in ["-m foo --bar 1 -j RETURN", "-p sctp -j RETURN", "-j NOPE"] {
+            let p: Vec<String> = p.split(' ').map(str::to_owned).collect();
+            assert!(lower_rule(&p, Family::V4).is_err(), "{p:?}");
+        }
+    }
+}

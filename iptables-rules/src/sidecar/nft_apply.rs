@@ -63,33 +63,34 @@ fn tables_match(
 fn apply_here(cfg: &SidecarConfig) -> Result<Applied, RulesError> {
     let want = wanted(cfg)?;
     let mut sock = NftSocket::open().map_err(nft_err)?;
+    let before = vec![
+        (Family::V4, read(&mut sock, Family::V4)?),
+        (Family::V6, read(&mut sock, Family::V6)?),
+    ];
     let mut wrote = false;
-    if !tables_match(&mut sock, &want)? {
-        let before = vec![
-            (Family::V4, read(&mut sock, Family::V4)?),
-            (Family::V6, read(&mut sock, Family::V6)?),
-        ];
+    if before != want {
         sock.commit(apply_batch(&want)).map_err(nft_err)?;
         wrote = true;
-        if cfg.mode == Mode::Tproxy && !route::state()?.is_complete(cfg.ipv6) {
-            if let Err(e) = route::install(cfg.ipv6) {
-                // Back to the tables that were there (the kernel aborts a failed batch whole).
-                let rb = route::remove().and_then(|()| {
-                    let mut s = NftSocket::open().map_err(nft_err)?;
-                    s.commit(apply_batch(&before)).map_err(nft_err)
-                });
-                return Err(match rb {
-                    Ok(()) => e,
-                    Err(rb) => RulesError::Rollback {
-                        netns: "current".into(),
-                        apply: Box::new(e),
-                        rollback: Box::new(rb),
-                    },
-                });
-            }
+    }
+    if !route_ok(cfg)? {
+        if let Err(e) = route::install(cfg.ipv6) {
+            // Back to the tables that were there (the kernel aborts a failed batch whole).
+            let rb = route::remove().and_then(|()| {
+                if !wrote {
+                    return Ok(());
+                }
+                let mut s = NftSocket::open().map_err(nft_err)?;
+                s.commit(apply_batch(&before)).map_err(nft_err)
+            });
+            return Err(match rb {
+                Ok(()) => e,
+                Err(rb) => RulesError::Rollback {
+                    netns: "current".into(),
+                    apply: Box::new(e),
+                    rollback: Box::new(rb),
+                },
+            });
         }
-    } else if !route_ok(cfg)? {
-        route::install(cfg.ipv6)?;
         wrote = true;
     }
     if cfg.ipv6 && wrote {

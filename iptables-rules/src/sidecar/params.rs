@@ -125,23 +125,30 @@ pub(super) fn parse(inputs: &SidecarInputs) -> Result<SidecarConfig, ParamError>
     })
 }
 
-/// Istio's IPv6 decision (`getLocalIP`): the first address that is not loopback or
-/// link-local decides; with `ISTIO_DUAL_STACK`, any such IPv6 address means IPv6.
-/// None when there is no such address (Istio fails the ADD then).
+/// Istio's IPv6 decision (`getLocalIP`): the first address, in the kernel's address-dump
+/// order, that is not loopback or link-local decides; with `ISTIO_DUAL_STACK`, any such
+/// IPv6 address means IPv6. The kernel dumps every IPv4 address before any IPv6 one, so
+/// a pod with a usable IPv4 address is IPv4 unless dual stack is on, whatever the order
+/// the CNI result lists them in. None when there is no usable address (Istio fails then).
 pub fn ipv6_decision(pod_ips: &[IpAddr], dual_stack: bool) -> Option<bool> {
-    let mut usable = pod_ips.iter().map(unmap).filter(|a| match a {
-        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
-        IpAddr::V6(v6) => {
-            let seg0 = v6.segments()[0];
-            // fe80::/10 unicast, ff02::/16 link-local multicast.
-            !v6.is_loopback() && (seg0 & 0xffc0) != 0xfe80 && (seg0 & 0xff0f) != 0xff02
-        }
-    });
-    let first = usable.next()?;
-    if !dual_stack {
-        return Some(first.is_ipv6());
+    let usable: Vec<IpAddr> = pod_ips
+        .iter()
+        .map(unmap)
+        .filter(|a| match a {
+            IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_link_local(),
+            IpAddr::V6(v6) => {
+                let seg0 = v6.segments()[0];
+                // fe80::/10 unicast, ff02::/16 link-local multicast.
+                !v6.is_loopback() && (seg0 & 0xffc0) != 0xfe80 && (seg0 & 0xff0f) != 0xff02
+            }
+        })
+        .collect();
+    if usable.is_empty() {
+        return None;
     }
-    Some(first.is_ipv6() || usable.any(|a| a.is_ipv6()))
+    let any_v6 = usable.iter().any(IpAddr::is_ipv6);
+    let any_v4 = usable.iter().any(IpAddr::is_ipv4);
+    Some(if dual_stack { any_v6 } else { !any_v4 })
 }
 
 fn unmap(a: &IpAddr) -> IpAddr {
@@ -368,6 +375,21 @@ mod tests {
     }
 
     #[test]
+    fn summary_names_the_pod_and_the_essentials() {
+        let c = SidecarConfig::from_inputs(&inputs(
+            &[(EXCLUDE_OUTBOUND_IP_RANGES, "10.0.0.0/8")],
+            &[(ENV_DNS_CAPTURE, "true")],
+        ))
+        .unwrap();
+        assert_eq!(
+            c.summary(),
+            "sidecar redirection for ns1/pod1: mode REDIRECT, owner 1337/1337, outbound * \
+             (excluding [10.0.0.0/8], ports [15020]), inbound * (excluding ports \
+             [15020,15021,15090]), dns capture on, IPv4"
+        );
+    }
+
+    #[test]
     fn owner_falls_back_to_1337_when_unset_or_root() {
         for (uid, want) in [
             (None, 1337),
@@ -423,9 +445,10 @@ mod tests {
     #[test]
     fn ipv6_is_decided_as_istio_does() {
         let a = |s: &str| -> IpAddr { s.parse().unwrap() };
-        let cases: [(&[IpAddr], bool, Option<bool>); 7] = [
+        let cases: [(&[IpAddr], bool, Option<bool>); 8] = [
             (&[a("10.0.0.1"), a("fd00::1")], false, Some(false)),
-            (&[a("fd00::1"), a("10.0.0.1")], false, Some(true)),
+            (&[a("fd00::1"), a("10.0.0.1")], false, Some(false)),
+            (&[a("fd00::1")], false, Some(true)),
             (&[a("10.0.0.1"), a("fd00::1")], true, Some(true)),
             (&[a("10.0.0.1")], true, Some(false)),
             (

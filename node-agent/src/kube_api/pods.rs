@@ -26,6 +26,7 @@ use tokio_stream::StreamExt;
 use tracing::{debug, info, warn};
 
 use super::chain;
+use crate::mesh::sidecar_policy::ISTIO_PROXY;
 use crate::pods::source::{Found, PodSource, SourceEvent};
 
 /// How long a direct lookup (the plugin's cache-miss path) may take.
@@ -74,19 +75,18 @@ fn cache_list(mut cfg: watcher::Config) -> watcher::Config {
 }
 
 /// Keeps only what the agent reads of a pod (identity, labels, annotations, node,
-/// hostNetwork, service account, phase, IPs): the cache holds every pod of the node.
+/// hostNetwork, service account, phase, IPs; container names, and of `istio-proxy` its
+/// args, literal env and run-as ids for sidecar mode): the cache holds every pod of the node.
 pub fn trim(pod: Pod) -> Pod {
     let m = pod.metadata;
     let spec = pod.spec.map(|s| PodSpec {
         node_name: s.node_name,
         host_network: s.host_network,
         service_account_name: s.service_account_name,
-        // The sidecar decision and redirection read the containers (istio-proxy's args, env
-        // and run-as ids; istio-init's presence).
         containers: s.containers.into_iter().map(trim_container).collect(),
         init_containers: s
             .init_containers
-            .map(|v| v.into_iter().map(trim_container).collect()),
+            .map(|cs| cs.into_iter().map(trim_container).collect()),
         ..PodSpec::default()
     });
     let status = pod.status.map(|s| PodStatus {
@@ -115,8 +115,15 @@ pub fn trim(pod: Pod) -> Pod {
     }
 }
 
-/// A container down to what the sidecar decision reads: name, args, literal env, run-as ids.
+/// A container's name; for `istio-proxy` also what sidecar mode reads (args, env names with
+/// their literal values, runAsUser/runAsGroup).
 fn trim_container(c: Container) -> Container {
+    if c.name != ISTIO_PROXY {
+        return Container {
+            name: c.name,
+            ..Container::default()
+        };
+    }
     Container {
         name: c.name,
         args: c.args,
@@ -125,7 +132,7 @@ fn trim_container(c: Container) -> Container {
                 .map(|e| EnvVar {
                     name: e.name,
                     value: e.value,
-                    ..EnvVar::default()
+                    value_from: None,
                 })
                 .collect()
         }),
@@ -446,9 +453,49 @@ mod tests {
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"namespace": "ns", "name": "p", "uid": "u1", "resourceVersion": "7",
                     "labels": {"a": "b"}, "annotations": {"x": "y"}},
-                "spec": {"nodeName": "n1", "hostNetwork": true, "serviceAccountName": "sa", "containers": [{"name": "c"}]},
+                "spec": {"nodeName": "n1", "hostNetwork": true, "serviceAccountName": "sa",
+                    "containers": [{"name": "c"}]},
                 "status": {"phase": "Running", "podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}]}
             })
+        );
+    }
+
+    #[test]
+    fn trim_keeps_what_sidecar_mode_reads() {
+        use crate::mesh::policy::Policy;
+        use crate::mesh::sidecar_policy::{decide, sidecar_inputs, Mode};
+        let full: Pod = serde_json::from_value(json!({
+            "metadata": {"namespace": "ns", "name": "p", "uid": "u1",
+                "annotations": {"sidecar.istio.io/status": "{}",
+                                "traffic.sidecar.istio.io/excludeOutboundPorts": "9000"}},
+            "spec": {"nodeName": "n1",
+                "initContainers": [{"name": "istio-validation", "image": "proxyv2",
+                                    "args": ["istio-iptables", "--run-validation"]}],
+                "containers": [
+                    {"name": "app", "image": "app", "args": ["--big"], "env": [{"name": "A", "value": "1"}]},
+                    {"name": "istio-proxy", "image": "proxyv2", "args": ["proxy", "sidecar"],
+                     "env": [{"name": "ISTIO_META_DNS_CAPTURE", "value": "true"},
+                             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                     "securityContext": {"runAsUser": 1337, "runAsGroup": 1338, "privileged": false}}]},
+            "status": {"phase": "Pending"}
+        }))
+        .unwrap();
+        let t = trim(full.clone());
+        let p = Policy::default();
+        let ns = BTreeMap::new();
+        assert_eq!(decide(&p, &t, &ns), Mode::Sidecar);
+        assert_eq!(sidecar_inputs(&t, &[]), sidecar_inputs(&full, &[]));
+        let spec = serde_json::to_value(t.spec.unwrap()).unwrap();
+        assert_eq!(spec["containers"][0], json!({"name": "app"}));
+        assert_eq!(
+            spec["initContainers"][0],
+            json!({"name": "istio-validation"})
+        );
+        assert_eq!(
+            spec["containers"][1],
+            json!({"name": "istio-proxy", "args": ["proxy", "sidecar"],
+                   "env": [{"name": "ISTIO_META_DNS_CAPTURE", "value": "true"}, {"name": "POD_NAME"}],
+                   "securityContext": {"runAsUser": 1337, "runAsGroup": 1338}})
         );
     }
 

@@ -258,3 +258,75 @@ async fn a_nacked_add_stays_pending_and_the_retry_loop_enables_it() {
     .await;
     assert_eq!(fx.log.starting("probes upsert"), ["probes upsert u-web"]);
 }
+
+/// A sidecar-injected pod `mesh/web` (uid `u-web`) with `annotations` added.
+fn sidecar_pod(annotations: serde_json::Value) -> Arc<Pod> {
+    let mut v = json!({
+        "metadata": {"namespace": "mesh", "name": "web", "uid": "u-web",
+                     "annotations": {"sidecar.istio.io/status": "{}"}},
+        "spec": {"containers": [{"name": "app"},
+                                {"name": "istio-proxy", "args": ["proxy", "sidecar"]}]},
+        "status": {"phase": "Pending"},
+    });
+    for (k, val) in annotations.as_object().unwrap() {
+        v["metadata"]["annotations"][k] = val.clone();
+    }
+    Arc::new(serde_json::from_value(v).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_pod_with_a_bad_annotation_is_refused_before_its_netns_is_touched() {
+    let fx = Fakes::new();
+    let ctl = controller(&fx);
+    let metrics = Arc::new(super::super::sidecar_metrics::SidecarMetrics::default());
+    ctl.set_sidecar(Arc::new(SidecarPath::new(
+        iptables_rules::backend::BackendKind::Iptables,
+        fx.netns.clone(),
+        fx.status.clone(),
+        metrics,
+    )));
+    let key = "sidecar.istio.io/interceptionMode";
+    ctl.absorb(&SourceEvent::Pod(sidecar_pod(json!({key: "SPLICE"}))));
+    ctl.ready.store(true, Ordering::Release);
+    let err = PodHandler::add(ctl.as_ref(), add_request("u-web", "s1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    for want in ["mesh/web", key, "SPLICE"] {
+        assert!(err.message().contains(want), "{want}: {}", err.message());
+    }
+    // The Warning Event is posted after the answer; nothing else happened.
+    until("the Event", || {
+        fx.log.all() == ["event u-web SidecarRedirectionInvalid"]
+    })
+    .await;
+    assert!(ctl.enroller.table.get("u-web").is_none(), "not held");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_pods_pass_through_with_sidecar_mode_off_and_fail_without_a_sidecar_path() {
+    let fx = Fakes::new();
+    let off = Controller::new(
+        Policy {
+            sidecar_mode: false,
+            ..Policy::default()
+        },
+        fx.enroller_with_ztunnel(),
+        Arc::new(NoSource),
+        Arc::new(ReconcileMetrics::new(&mut Default::default())),
+    );
+    off.absorb(&namespace("mesh", true));
+    off.absorb(&SourceEvent::Pod(sidecar_pod(json!({}))));
+    off.ready.store(true, Ordering::Release);
+    let got = PodHandler::add(off.as_ref(), add_request("u-web", "s1")).await;
+    assert_eq!(got.unwrap(), pb::Decision::NotInMesh);
+    // Sidecar mode on but no sidecar path given: refused, never silently passed.
+    let on = controller(&fx);
+    on.absorb(&SourceEvent::Pod(sidecar_pod(json!({}))));
+    on.ready.store(true, Ordering::Release);
+    let err = PodHandler::add(on.as_ref(), add_request("u-web", "s1"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(fx.log.all().is_empty(), "{:?}", fx.log.all());
+}

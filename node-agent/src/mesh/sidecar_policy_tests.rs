@@ -44,6 +44,15 @@ fn proxy_env(v: &mut Value, name: &str, value: &str) {
         .push(json!({"name": name, "value": value}));
 }
 
+/// (what, policy, pod, namespace labels, expected mode).
+type Case<'a> = (
+    &'a str,
+    &'a Policy,
+    Value,
+    &'a BTreeMap<String, String>,
+    Mode,
+);
+
 #[test]
 fn decision_table() {
     let on = Policy::default();
@@ -54,7 +63,7 @@ fn decision_table() {
     let plain = ns(&[]);
     let ambient_ns = ns(&[(DATAPLANE_MODE, "ambient")]);
     let pass = |w| Mode::PassThrough(w);
-    let cases: Vec<(&str, &Policy, Value, &BTreeMap<String, String>, Mode)> = vec![
+    let cases: Vec<Case> = vec![
         ("injected pod", &on, injected("shop"), &plain, Mode::Sidecar),
         (
             "injected pod in an ambient namespace stays sidecar",
