@@ -465,13 +465,17 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        // Pods first, while the agent still answers their DELs; then the release.
-        for ns in self.namespaces.drain(..).rev() {
+        // Pods first, while the agent still answers their DELs; then the release. Every
+        // namespace is deleted before waiting for any (their pods terminate together).
+        let namespaces: Vec<String> = self.namespaces.drain(..).rev().collect();
+        for ns in &namespaces {
             let api: Api<Namespace> = Api::all(self.client.clone());
             let n = ns.clone();
             let _ = self
                 .rt
                 .block_on(async move { api.delete(&n, &DeleteParams::default()).await });
+        }
+        for ns in namespaces {
             let api: Api<Namespace> = Api::all(self.client.clone());
             wait_for(Duration::from_secs(90), || {
                 let api = api.clone();
