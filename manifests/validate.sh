@@ -150,7 +150,14 @@ if [ -n "$helm" ]; then
     refuse "ambient.enabled=false: ambient-cni does ambient only" --set ambient.enabled=false
     refuse "ambient.configDir: not supported" --set ambient.configDir=/etc/ambient-config
     refuse "ambient.reconcileIptablesOnStartup=false: not supported" --set ambient.reconcileIptablesOnStartup=false
-    refuse "repair.labelPods/repair.deletePods: not supported" --set repair.deletePods=true
+    refuse "repair.labelPods=true needs repair.brokenPodLabelKey" --set repair.labelPods=true --set repair.brokenPodLabelKey=
+    # The repair controller's modes: Istio's REPAIR_* keys; `delete` on pods only in delete mode.
+    want chart-default 'REPAIR_REPAIR_PODS: "true"'
+    grep -q 'verbs: \["delete"\]' "$work/chart-default.yaml" && die "default render grants delete on pods"
+    "$helm" template ambient-cni "$chart" --set repair.repairPods=false --set repair.deletePods=true >"$work/repair-delete.yaml" \
+        || die "helm template failed for repair.deletePods"
+    grep -q 'verbs: \["delete"\]' "$work/repair-delete.yaml" || die "repair.deletePods: no delete on pods"
+    grep -q 'REPAIR_DELETE_PODS: "true"' "$work/repair-delete.yaml" || die "repair.deletePods not rendered"
     refuse "global.networkPolicy.enabled=true: not supported" --set global.networkPolicy.enabled=true
     refuse "defaults: Istio's old prefix" --set defaults.hub=x
     refuse "_internal_defaults_do_not_set: Istio's internal key" --set _internal_defaults_do_not_set.hub=x

@@ -10,6 +10,7 @@ use crate::obs::fallbacks::FallbackMetrics;
 use crate::obs::installer::InstallMetrics;
 use crate::obs::metrics::{Metrics, Registry};
 use crate::plugin_server::metrics::PluginMetrics;
+use crate::sidecar_repair::metrics::RepairMetrics;
 use crate::verify::metrics::VerifyMetrics;
 
 /// The agent's metrics, by owner, and the exposition that serves them all.
@@ -29,6 +30,8 @@ pub struct AgentMetrics {
     pub fallbacks: Arc<FallbackMetrics>,
     /// The drift verifier's.
     pub verify: Arc<VerifyMetrics>,
+    /// The sidecar repair controller's.
+    pub repair: Arc<RepairMetrics>,
     /// Sidecar mode's.
     pub sidecar: Arc<SidecarMetrics>,
 }
@@ -44,6 +47,7 @@ impl AgentMetrics {
         let fallbacks = Arc::new(FallbackMetrics::new(&mut r));
         let verify = Arc::new(VerifyMetrics::new(&mut r));
         let sidecar = Arc::new(SidecarMetrics::new(&mut r));
+        let repair = Arc::new(RepairMetrics::new(&mut r));
         Self {
             exposition: Arc::new(Metrics::new(r)),
             plugin,
@@ -52,6 +56,7 @@ impl AgentMetrics {
             install,
             fallbacks,
             verify,
+            repair,
             sidecar,
         }
     }
@@ -108,6 +113,7 @@ mod tests {
             ("ambient_cni_drift_notifications", "counter"),
             ("ambient_cni_sidecar_adds", "counter"),
             ("ambient_cni_sidecar_add_duration_seconds", "histogram"),
+            ("istio_cni_repair_pods_repaired", "counter"),
         ];
         let got: Vec<(&str, &str)> = e
             .families

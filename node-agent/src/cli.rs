@@ -28,6 +28,9 @@ pub enum Command {
     Uninstall(ambient_cni_install::cli::InstallArgs),
     /// Apply, remove or show the in-pod redirection rules of one netns by hand.
     Redirect(crate::cmd::redirect::RedirectArgs),
+    /// Istio's `istio-validation` check for a sidecar pod's netns: exit 0 when its REDIRECT
+    /// rules are in place, 126 (with Istio's message) when not. Run as the proxy uid (1337).
+    ValidateSidecar(crate::cmd::validate_sidecar::ValidateArgs),
     /// Show what the running agent holds, per pod.
     Status {
         /// The running agent's run dir (its admin socket is there).
@@ -179,6 +182,9 @@ pub struct RunArgs {
     /// Prometheus metrics port (`/metrics`): `IP:PORT`.
     #[arg(long, env = "METRICS_ADDR", default_value = "0.0.0.0:15014")]
     pub metrics_addr: std::net::SocketAddr,
+    /// Race repair of sidecar pods (Istio's `REPAIR_*` settings).
+    #[command(flatten)]
+    pub repair: crate::sidecar_repair::settings::RepairArgs,
     /// Logging.
     #[command(flatten)]
     pub log: LogArgs,

@@ -16,6 +16,7 @@ pub mod plugin_server;
 pub mod pods;
 pub mod privileges;
 pub mod run;
+pub mod sidecar_repair;
 pub mod stop_mode;
 pub mod uds;
 pub mod verify;
@@ -30,6 +31,10 @@ pub fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run::run(*args),
         Command::Redirect(args) => cmd::redirect::run(args),
+        Command::ValidateSidecar(args) => match cmd::validate_sidecar::run(args) {
+            0 => Ok(()),
+            code => std::process::exit(code),
+        },
         Command::Install(args) => {
             let out = ambient_cni_install::cli::run_install(&args)?;
             println!("{out:?}");

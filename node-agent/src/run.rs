@@ -167,6 +167,7 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
         sidecar_status,
         all_metrics.sidecar.clone(),
     )));
+    start_repair(&args, &controller, backend_kind, host, &all_metrics).await?;
     let readiness = crate::obs::health::Readiness::agent();
     let ctl = controller.clone();
     readiness.check(crate::obs::health::POD_SOURCE_SYNCED, move || {
@@ -324,6 +325,55 @@ async fn serve(args: RunArgs) -> anyhow::Result<()> {
     }
     let _ = std::fs::remove_file(&socket);
     info!("stopped (in-pod rules stay in place)");
+    Ok(())
+}
+
+/// Starts the sidecar race repair controller when the settings turn it on (and sidecar
+/// mode is on: it repairs what the ADD would have programmed).
+async fn start_repair(
+    args: &RunArgs,
+    controller: &Arc<Controller>,
+    kind: BackendKind,
+    host: iptables_rules::netns::NsId,
+    metrics: &crate::agent_metrics::AgentMetrics,
+) -> anyhow::Result<()> {
+    use crate::sidecar_repair::{effects, repairer};
+    let Some(mode) = args.repair.mode() else {
+        info!("sidecar repair controller is disabled");
+        return Ok(());
+    };
+    if !args.sidecar_mode {
+        info!("sidecar mode is off: no sidecar repair controller");
+        return Ok(());
+    }
+    let (client, events) = match args.pod_source {
+        PodSourceKind::Kube => {
+            let client = crate::kube_api::client_from_env().await?;
+            let events = crate::kube_api::status::KubeStatus::new(client.clone())
+                .with_node(args.node_name.clone());
+            (Some(client), Some(Arc::new(events)))
+        }
+        PodSourceKind::Local => (None, None),
+    };
+    let node_effects = effects::NodeEffects {
+        find: effects::proc_scan(args.host_proc.clone(), host),
+        rules: iptables_rules::sidecar::SidecarRedirector::new(kind),
+        client,
+        events,
+    };
+    let ctl = controller.clone();
+    let is_sidecar: repairer::IsSidecar = Arc::new(move |pod, ns_labels| {
+        crate::mesh::sidecar_policy::decide(ctl.policy(), pod, ns_labels)
+            == crate::mesh::sidecar_policy::Mode::Sidecar
+    });
+    let r = Arc::new(repairer::Repairer::new(
+        mode,
+        args.repair.filter(),
+        is_sidecar,
+        Arc::new(node_effects),
+        metrics.repair.clone(),
+    ));
+    r.spawn(controller.clone());
     Ok(())
 }
 

@@ -3,8 +3,9 @@
 //! the real helm, stock ztunnel as a host process on the socket the chart mounts, pods created
 //! through the API and started by the kubelet through containerd's CRI and the node's real CNI
 //! chain. Steps, in the words: install, upgrade, crash, the primary rewrites its
-//! conflist, sandbox recreated, uninstall; then the pod-start figures (mesh vs plain). The
-//! install is the migration from istio-cni (docs/migrating-from-istio-cni.md): the node starts
+//! conflist, sandbox recreated, sidecar pods (side by side with ambient ones, and the race
+//! repair: `node_lifecycle/sidecar.rs`), uninstall; then the pod-start figures (mesh vs
+//! plain). The install is the migration from istio-cni (docs/migrating-from-istio-cni.md): the node starts
 //! with an `istio-cni` entry chained, our chart is installed with Istio's values file (refused,
 //! `/readyz` says why), the entry is removed as istio-cni's uninstall does, then we chain; it
 //! also sets `logLevel`/`global.logAsJson` and checks the agent's log (the upgrade resets them).
@@ -31,6 +32,9 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use kube::api::{Api, DeleteParams, ListParams, LogParams, PostParams};
 use kube::Client;
 use serde_json::{json, Value};
+
+#[path = "node_lifecycle/sidecar.rs"]
+mod sidecar;
 
 const SYSTEM_NS: &str = "istio-system";
 const RELEASE: &str = "ambient-cni";
@@ -461,13 +465,17 @@ impl World {
 
 impl Drop for World {
     fn drop(&mut self) {
-        // Pods first, while the agent still answers their DELs; then the release.
-        for ns in self.namespaces.drain(..).rev() {
+        // Pods first, while the agent still answers their DELs; then the release. Every
+        // namespace is deleted before waiting for any (their pods terminate together).
+        let namespaces: Vec<String> = self.namespaces.drain(..).rev().collect();
+        for ns in &namespaces {
             let api: Api<Namespace> = Api::all(self.client.clone());
             let n = ns.clone();
             let _ = self
                 .rt
                 .block_on(async move { api.delete(&n, &DeleteParams::default()).await });
+        }
+        for ns in namespaces {
             let api: Api<Namespace> = Api::all(self.client.clone());
             wait_for(Duration::from_secs(90), || {
                 let api = api.clone();
@@ -999,6 +1007,9 @@ fn node_lifecycle_install_upgrade_crash_repair_sandbox_uninstall() {
     pod_start_figures(&w);
     eprintln!("== 6. sandbox recreated ({:?})", t.elapsed());
     sandbox_recreated(&w, &client_ns);
+    eprintln!("== 7. sidecar pods ({:?})", t.elapsed());
+    sidecar::side_by_side(&mut w, &client_ns);
+    sidecar::race_repaired(&mut w, &client_ns);
     eprintln!("== 5. uninstall ({:?})", t.elapsed());
     uninstall(&mut w);
     eprintln!("== done ({:?})", t.elapsed());

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::{
-    Container, EnvVar, Namespace, Pod, PodSpec, PodStatus, SecurityContext,
+    Container, ContainerState, ContainerStateTerminated, ContainerStatus, EnvVar, Namespace, Pod,
+    PodSpec, PodStatus, SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
@@ -92,6 +93,10 @@ pub fn trim(pod: Pod) -> Pod {
         phase: s.phase,
         pod_ip: s.pod_ip,
         pod_ips: s.pod_ips,
+        // The sidecar repair reads how init containers ended (name, exit code, reason, message).
+        init_container_statuses: s
+            .init_container_statuses
+            .map(|v| v.into_iter().map(trim_container_status).collect()),
         ..PodStatus::default()
     });
     Pod {
@@ -137,6 +142,27 @@ fn trim_container(c: Container) -> Container {
             ..SecurityContext::default()
         }),
         ..Container::default()
+    }
+}
+
+/// An init container's status down to how it last ended and how it is now, if terminated.
+fn trim_container_status(c: ContainerStatus) -> ContainerStatus {
+    let terminated = |st: Option<ContainerState>| {
+        st.map(|st| ContainerState {
+            terminated: st.terminated.map(|t| ContainerStateTerminated {
+                exit_code: t.exit_code,
+                reason: t.reason,
+                message: t.message,
+                ..ContainerStateTerminated::default()
+            }),
+            ..ContainerState::default()
+        })
+    };
+    ContainerStatus {
+        name: c.name,
+        state: terminated(c.state),
+        last_state: terminated(c.last_state),
+        ..ContainerStatus::default()
     }
 }
 
@@ -359,6 +385,62 @@ mod tests {
                 SourceEvent::Synced => "synced".into(),
             })
             .collect()
+    }
+
+    #[test]
+    fn trim_keeps_what_the_sidecar_decision_and_repair_read() {
+        use crate::mesh::sidecar_policy::{decide, sidecar_inputs, Mode};
+        use crate::sidecar_repair::broken::{is_broken, BrokenFilter};
+        let full: Pod = serde_json::from_value(json!({
+            "metadata": {"namespace": "shop", "name": "web", "uid": "u9",
+                "annotations": {"sidecar.istio.io/status": "{}",
+                                "traffic.sidecar.istio.io/excludeOutboundPorts": "9000"}},
+            "spec": {
+                "nodeName": "n1",
+                "initContainers": [{"name": "istio-validation", "image": "proxyv2",
+                    "args": ["istio-iptables", "--run-validation"],
+                    "resources": {"limits": {"cpu": "1"}}}],
+                "containers": [
+                    {"name": "app", "image": "app", "ports": [{"containerPort": 80}]},
+                    {"name": "istio-proxy", "image": "proxyv2", "args": ["proxy", "sidecar"],
+                     "env": [{"name": "ISTIO_META_DNS_CAPTURE", "value": "true"},
+                             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}],
+                     "securityContext": {"runAsUser": 1337, "runAsGroup": 1337, "privileged": false},
+                     "volumeMounts": [{"name": "x", "mountPath": "/x"}]}
+                ]
+            },
+            "status": {"phase": "Pending", "podIP": "10.0.0.9",
+                "initContainerStatuses": [{"name": "istio-validation", "image": "proxyv2",
+                    "imageID": "sha256:1", "ready": false, "restartCount": 2,
+                    "containerID": "containerd://abc",
+                    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off"}},
+                    "lastState": {"terminated": {"exitCode": 126, "reason": "Error",
+                        "message": "iptables validation failed", "containerID": "containerd://abc",
+                        "startedAt": "2026-01-01T00:00:00Z", "finishedAt": "2026-01-01T00:00:05Z"}}}]}
+        }))
+        .unwrap();
+        let t = trim(full.clone());
+        let policy = crate::mesh::policy::Policy::default();
+        let ns = BTreeMap::new();
+        assert_eq!(decide(&policy, &t, &ns), Mode::Sidecar);
+        assert_eq!(decide(&policy, &t, &ns), decide(&policy, &full, &ns));
+        assert_eq!(sidecar_inputs(&t, &[]), sidecar_inputs(&full, &[]));
+        let filter = BrokenFilter {
+            sidecar_annotation: "sidecar.istio.io/status".into(),
+            init_container_name: "istio-validation".into(),
+            termination_message: "iptables validation failed".into(),
+            exit_code: 126,
+        };
+        assert!(is_broken(&t, &filter));
+        // Only what is read is kept (the cache holds every pod of the node).
+        let v = serde_json::to_value(&t).unwrap();
+        assert_eq!(v["spec"]["containers"][0], json!({"name": "app"}));
+        assert!(v["spec"]["containers"][1].get("volumeMounts").is_none());
+        assert_eq!(
+            v["status"]["initContainerStatuses"][0]["lastState"],
+            json!({"terminated": {"exitCode": 126, "reason": "Error",
+                                  "message": "iptables validation failed"}})
+        );
     }
 
     #[test]

@@ -92,8 +92,20 @@ impl KubeStatus {
         false
     }
 
-    /// The core/v1 Event recorded for `pod` (what `kubectl describe pod` lists).
+    /// The core/v1 Warning Event recorded for `pod` (what `kubectl describe pod` lists).
     pub fn event_object(&self, pod: &PodId, reason: &str, message: &str, now: SystemTime) -> Event {
+        self.typed_event_object(pod, true, reason, message, now)
+    }
+
+    /// The core/v1 Event recorded for `pod`, Warning or Normal.
+    pub fn typed_event_object(
+        &self,
+        pod: &PodId,
+        warning: bool,
+        reason: &str,
+        message: &str,
+        now: SystemTime,
+    ) -> Event {
         let nanos = now
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -116,7 +128,7 @@ impl KubeStatus {
             },
             reason: Some(reason.to_owned()),
             message: Some(message.to_owned()),
-            type_: Some("Warning".into()),
+            type_: Some(if warning { "Warning" } else { "Normal" }.into()),
             count: Some(1),
             first_timestamp: Some(t.clone()),
             last_timestamp: Some(t),
@@ -170,11 +182,24 @@ impl StatusWriter for KubeStatus {
     }
 
     async fn event(&self, pod: &PodId, reason: &str, message: &str) -> Result<(), String> {
+        self.record(pod, true, reason, message).await
+    }
+}
+
+impl KubeStatus {
+    /// Records a Warning or Normal Event on the pod (identical ones throttled).
+    pub async fn record(
+        &self,
+        pod: &PodId,
+        warning: bool,
+        reason: &str,
+        message: &str,
+    ) -> Result<(), String> {
         if self.repeated(pod, reason, message, Instant::now()) {
             return Ok(());
         }
         let api: Api<Event> = Api::namespaced(self.client.clone(), &pod.namespace);
-        let ev = self.event_object(pod, reason, message, SystemTime::now());
+        let ev = self.typed_event_object(pod, warning, reason, message, SystemTime::now());
         tokio::time::timeout(WRITE_TIMEOUT, api.create(&PostParams::default(), &ev))
             .await
             .map_err(|_| {

@@ -34,8 +34,8 @@
 {{- if not $v.ambient.reconcileIptablesOnStartup -}}
 {{- fail "ambient.reconcileIptablesOnStartup=false: not supported; the agent always reconciles running pods' rules at start-up (that is how it takes over after a restart)" -}}
 {{- end -}}
-{{- if or $v.repair.labelPods $v.repair.deletePods -}}
-{{- fail "repair.labelPods/repair.deletePods: not supported; they need RBAC to label or delete any pod, which ambient-cni does not take (ambient pods have no istio-validation init container to repair)" -}}
+{{- if and $v.repair.labelPods (not $v.repair.brokenPodLabelKey) -}}
+{{- fail "repair.labelPods=true needs repair.brokenPodLabelKey (the label to set on broken pods)" -}}
 {{- end -}}
 {{- if dig "networkPolicy" "enabled" false $g -}}
 {{- fail "global.networkPolicy.enabled=true: not supported; the agent runs in the host network, where a NetworkPolicy does not apply" -}}
