@@ -101,37 +101,216 @@ where
     })
 }
 
-fn rule_msg(family: Family) -> RuleMessage {
-    let mut m = RuleMessage::default();
-    m.header.family = match family {
-        Family::V4 => AddressFamily::Inet,
-        Family::V6 => AddressFamily::Inet6,
-    };
-    m.header.table = ROUTE_TABLE as u8;
-    m.header.action = RuleAction::ToTable;
-    m.attributes.push(RuleAttribute::Table(ROUTE_TABLE));
-    m.attributes.push(RuleAttribute::FwMark(INPOD_TPROXY_MARK));
-    m.attributes.push(RuleAttribute::FwMask(INPOD_TPROXY_MASK));
-    m.attributes.push(RuleAttribute::Priority(RULE_PREF));
-    m
+/// A mark-selected local delivery, per family: `fwmark <mark>/<mask> [pref <prio>] lookup
+/// <table>` and `local default dev lo table <table>`. The ambient in-pod route and sidecar
+/// TPROXY mode's are two of these.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PolicyRoute {
+    /// The routing table.
+    pub table: u32,
+    /// The fwmark the rule selects.
+    pub mark: u32,
+    /// Its mask (`u32::MAX`: all bits, the kernel's default).
+    pub mask: u32,
+    /// The rule's preference; `None` lets the kernel pick one (and any is ours).
+    pub prio: Option<u32>,
 }
 
-fn route_msg(family: Family) -> RouteMessage {
-    match family {
-        Family::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
-            .output_interface(LO_IFINDEX)
-            .table_id(ROUTE_TABLE)
-            .kind(RouteType::Local)
-            .scope(RouteScope::Host)
-            .build(),
-        Family::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
-            .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
-            .output_interface(LO_IFINDEX)
-            .table_id(ROUTE_TABLE)
-            .kind(RouteType::Local)
-            .scope(RouteScope::Host)
-            .build(),
+/// The ambient in-pod route (reference §4.3).
+pub(crate) const INPOD: PolicyRoute = PolicyRoute {
+    table: ROUTE_TABLE,
+    mark: INPOD_TPROXY_MARK,
+    mask: INPOD_TPROXY_MASK,
+    prio: Some(RULE_PREF),
+};
+
+impl PolicyRoute {
+    fn rule_msg(&self, family: Family) -> RuleMessage {
+        let mut m = RuleMessage::default();
+        m.header.family = match family {
+            Family::V4 => AddressFamily::Inet,
+            Family::V6 => AddressFamily::Inet6,
+        };
+        m.header.table = self.table as u8;
+        m.header.action = RuleAction::ToTable;
+        m.attributes.push(RuleAttribute::Table(self.table));
+        m.attributes.push(RuleAttribute::FwMark(self.mark));
+        m.attributes.push(RuleAttribute::FwMask(self.mask));
+        if let Some(p) = self.prio {
+            m.attributes.push(RuleAttribute::Priority(p));
+        }
+        m
+    }
+
+    fn route_msg(&self, family: Family) -> RouteMessage {
+        match family {
+            Family::V4 => RouteMessageBuilder::<Ipv4Addr>::new()
+                .destination_prefix(Ipv4Addr::UNSPECIFIED, 0)
+                .output_interface(LO_IFINDEX)
+                .table_id(self.table)
+                .kind(RouteType::Local)
+                .scope(RouteScope::Host)
+                .build(),
+            Family::V6 => RouteMessageBuilder::<Ipv6Addr>::new()
+                .destination_prefix(Ipv6Addr::UNSPECIFIED, 0)
+                .output_interface(LO_IFINDEX)
+                .table_id(self.table)
+                .kind(RouteType::Local)
+                .scope(RouteScope::Host)
+                .build(),
+        }
+    }
+
+    /// The rule as `ip rule` prints it, for errors.
+    fn rule_text(&self) -> String {
+        let pref = self.prio.map(|p| format!(" pref {p}")).unwrap_or_default();
+        format!(
+            "fwmark {:#x}/{:#x}{pref} lookup {}",
+            self.mark, self.mask, self.table
+        )
+    }
+
+    /// Installs the IPv4 route and rule, and the IPv6 rule (and route when `v6_route`) when
+    /// `ipv6`, in one datagram; identical ones already there are kept.
+    pub(crate) fn install(&self, ipv6: bool, v6_route: bool) -> Result<(), RulesError> {
+        use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
+        // Without a preference the kernel picks a fresh one per add, so EXCL cannot see a
+        // twin: look first.
+        let have = match self.prio {
+            None => Some(self.state()?),
+            Some(_) => None,
+        };
+        let mut reqs = Vec::new();
+        let fams: &[Family] = if ipv6 {
+            &[Family::V4, Family::V6]
+        } else {
+            &[Family::V4]
+        };
+        for &f in fams {
+            if f == Family::V4 || v6_route {
+                reqs.push(Req {
+                    flags: NLM_F_CREATE | NLM_F_REPLACE,
+                    msg: RouteNetlinkMessage::NewRoute(self.route_msg(f)),
+                    what: format!(
+                        "replace local {} route dev lo table {}",
+                        fam_name(f),
+                        self.table
+                    ),
+                    fine: &[],
+                });
+            }
+            let present = have.is_some_and(|h| match f {
+                Family::V4 => h.rule_v4,
+                Family::V6 => h.rule_v6,
+            });
+            if present {
+                continue;
+            }
+            reqs.push(Req {
+                flags: NLM_F_CREATE | NLM_F_EXCL,
+                msg: RouteNetlinkMessage::NewRule(self.rule_msg(f)),
+                what: format!("add {} rule {}", fam_name(f), self.rule_text()),
+                fine: &[libc::EEXIST],
+            });
+        }
+        RouteSock::open()?.transact(reqs)
+    }
+
+    /// Deletes exactly this route's rules and routes, both families; absent ones are fine.
+    pub(crate) fn remove(&self) -> Result<(), RulesError> {
+        let mut reqs = Vec::new();
+        for f in [Family::V4, Family::V6] {
+            reqs.push(Req {
+                flags: 0,
+                msg: RouteNetlinkMessage::DelRule(self.rule_msg(f)),
+                what: format!("delete {} rule {}", fam_name(f), self.rule_text()),
+                fine: &[libc::ENOENT, libc::ESRCH, libc::EAFNOSUPPORT],
+            });
+            reqs.push(Req {
+                flags: 0,
+                msg: RouteNetlinkMessage::DelRoute(self.route_msg(f)),
+                what: format!("delete {} local route table {}", fam_name(f), self.table),
+                fine: &[
+                    libc::ENOENT,
+                    libc::ESRCH,
+                    libc::EAFNOSUPPORT,
+                    libc::EOPNOTSUPP,
+                ],
+            });
+        }
+        RouteSock::open()?.transact(reqs)
+    }
+
+    fn is_rule(&self, m: &RuleMessage) -> bool {
+        let mut table = u32::from(m.header.table);
+        let (mut mark, mut mask, mut prio) = (None, None, None);
+        for a in &m.attributes {
+            match a {
+                RuleAttribute::Table(t) => table = *t,
+                RuleAttribute::FwMark(v) => mark = Some(*v),
+                RuleAttribute::FwMask(v) => mask = Some(*v),
+                RuleAttribute::Priority(v) => prio = Some(*v),
+                _ => {}
+            }
+        }
+        table == self.table
+            && mark == Some(self.mark)
+            && mask.unwrap_or(u32::MAX) == self.mask
+            && (self.prio.is_none() || prio == self.prio)
+            && m.header.action == RuleAction::ToTable
+    }
+
+    fn is_route(&self, m: &RouteMessage) -> bool {
+        let mut table = u32::from(m.header.table);
+        let mut oif = None;
+        let mut dst_set = false;
+        for a in &m.attributes {
+            match a {
+                RouteAttribute::Table(t) => table = *t,
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                RouteAttribute::Destination(_) => dst_set = true,
+                _ => {}
+            }
+        }
+        table == self.table
+            && m.header.kind == RouteType::Local
+            && m.header.destination_prefix_length == 0
+            && !dst_set
+            && oif == Some(LO_IFINDEX)
+    }
+
+    /// Which of this route's rules/routes exist: one rule dump and one route dump (both
+    /// families each), synchronously on this thread's own socket.
+    pub(crate) fn state(&self) -> Result<RouteState, RulesError> {
+        let sock = RouteSock::open()?;
+        let mut st = RouteState::default();
+        let mut rule = RuleMessage::default();
+        rule.header.family = AddressFamily::Unspec;
+        for m in sock.dump(1, RouteNetlinkMessage::GetRule(rule), "dump rules")? {
+            if let RouteNetlinkMessage::NewRule(r) = m {
+                if self.is_rule(&r) {
+                    match r.header.family {
+                        AddressFamily::Inet => st.rule_v4 = true,
+                        AddressFamily::Inet6 => st.rule_v6 = true,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        let mut route = RouteMessage::default();
+        route.header.address_family = AddressFamily::Unspec;
+        for m in sock.dump(2, RouteNetlinkMessage::GetRoute(route), "dump routes")? {
+            if let RouteNetlinkMessage::NewRoute(r) = m {
+                if self.is_route(&r) {
+                    match r.header.address_family {
+                        AddressFamily::Inet => st.route_v4 = true,
+                        AddressFamily::Inet6 => st.route_v6 = true,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(st)
     }
 }
 
@@ -153,135 +332,19 @@ struct Req {
 
 /// Installs the route(s) and rule(s); existing identical ones are kept.
 pub fn install(ipv6: bool) -> Result<(), RulesError> {
-    use rtnetlink::packet_core::{NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE};
-    let v6_route = ipv6_route_wanted(ipv6);
-    let mut reqs = Vec::new();
-    let fams: &[Family] = if ipv6 {
-        &[Family::V4, Family::V6]
-    } else {
-        &[Family::V4]
-    };
-    for &f in fams {
-        if f == Family::V4 || v6_route {
-            reqs.push(Req {
-                flags: NLM_F_CREATE | NLM_F_REPLACE,
-                msg: RouteNetlinkMessage::NewRoute(route_msg(f)),
-                what: format!(
-                    "replace local {} route dev lo table {ROUTE_TABLE}",
-                    fam_name(f)
-                ),
-                fine: &[],
-            });
-        }
-        reqs.push(Req {
-            flags: NLM_F_CREATE | NLM_F_EXCL,
-            msg: RouteNetlinkMessage::NewRule(rule_msg(f)),
-            what: format!(
-                "add {} rule fwmark 0x111/0xfff pref {RULE_PREF} lookup {ROUTE_TABLE}",
-                fam_name(f)
-            ),
-            fine: &[libc::EEXIST],
-        });
-    }
-    RouteSock::open()?.transact(reqs)
+    INPOD.install(ipv6, ipv6_route_wanted(ipv6))
 }
 
 /// Deletes exactly our route(s) and rule(s), both families; absent ones are fine.
 pub fn remove() -> Result<(), RulesError> {
-    let mut reqs = Vec::new();
-    for f in [Family::V4, Family::V6] {
-        reqs.push(Req {
-            flags: 0,
-            msg: RouteNetlinkMessage::DelRule(rule_msg(f)),
-            what: format!("delete {} fwmark rule", fam_name(f)),
-            fine: &[libc::ENOENT, libc::ESRCH, libc::EAFNOSUPPORT],
-        });
-        reqs.push(Req {
-            flags: 0,
-            msg: RouteNetlinkMessage::DelRoute(route_msg(f)),
-            what: format!("delete {} local route table {ROUTE_TABLE}", fam_name(f)),
-            fine: &[
-                libc::ENOENT,
-                libc::ESRCH,
-                libc::EAFNOSUPPORT,
-                libc::EOPNOTSUPP,
-            ],
-        });
-    }
-    RouteSock::open()?.transact(reqs)
-}
-
-fn is_our_rule(m: &RuleMessage) -> bool {
-    let mut table = u32::from(m.header.table);
-    let (mut mark, mut mask, mut prio) = (None, None, None);
-    for a in &m.attributes {
-        match a {
-            RuleAttribute::Table(t) => table = *t,
-            RuleAttribute::FwMark(v) => mark = Some(*v),
-            RuleAttribute::FwMask(v) => mask = Some(*v),
-            RuleAttribute::Priority(v) => prio = Some(*v),
-            _ => {}
-        }
-    }
-    table == ROUTE_TABLE
-        && mark == Some(INPOD_TPROXY_MARK)
-        && mask == Some(INPOD_TPROXY_MASK)
-        && prio == Some(RULE_PREF)
-        && m.header.action == RuleAction::ToTable
-}
-
-fn is_our_route(m: &RouteMessage) -> bool {
-    let mut table = u32::from(m.header.table);
-    let mut oif = None;
-    let mut dst_set = false;
-    for a in &m.attributes {
-        match a {
-            RouteAttribute::Table(t) => table = *t,
-            RouteAttribute::Oif(i) => oif = Some(*i),
-            RouteAttribute::Destination(_) => dst_set = true,
-            _ => {}
-        }
-    }
-    table == ROUTE_TABLE
-        && m.header.kind == RouteType::Local
-        && m.header.destination_prefix_length == 0
-        && !dst_set
-        && oif == Some(LO_IFINDEX)
+    INPOD.remove()
 }
 
 /// Reports which of our rules/routes exist: one rule dump and one route dump (both families
 /// each), synchronously on this thread's own socket, with no runtime to build: the drift
 /// verifier asks this of every held pod each interval.
 pub fn state() -> Result<RouteState, RulesError> {
-    let sock = RouteSock::open()?;
-    let mut st = RouteState::default();
-    let mut rule = RuleMessage::default();
-    rule.header.family = AddressFamily::Unspec;
-    for m in sock.dump(1, RouteNetlinkMessage::GetRule(rule), "dump rules")? {
-        if let RouteNetlinkMessage::NewRule(r) = m {
-            if is_our_rule(&r) {
-                match r.header.family {
-                    AddressFamily::Inet => st.rule_v4 = true,
-                    AddressFamily::Inet6 => st.rule_v6 = true,
-                    _ => {}
-                }
-            }
-        }
-    }
-    let mut route = RouteMessage::default();
-    route.header.address_family = AddressFamily::Unspec;
-    for m in sock.dump(2, RouteNetlinkMessage::GetRoute(route), "dump routes")? {
-        if let RouteNetlinkMessage::NewRoute(r) = m {
-            if is_our_route(&r) {
-                match r.header.address_family {
-                    AddressFamily::Inet => st.route_v4 = true,
-                    AddressFamily::Inet6 => st.route_v6 = true,
-                    _ => {}
-                }
-            }
-        }
-    }
-    Ok(st)
+    INPOD.state()
 }
 
 /// A NETLINK_ROUTE socket in the calling thread's netns, for blocking requests and dumps.
@@ -307,6 +370,9 @@ impl RouteSock {
         use rtnetlink::packet_core::{
             NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_REQUEST,
         };
+        if reqs.is_empty() {
+            return Ok(());
+        }
         let mut out_buf = Vec::new();
         for (i, r) in reqs.iter().enumerate() {
             let mut header = NetlinkHeader::default();

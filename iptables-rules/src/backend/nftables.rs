@@ -14,7 +14,7 @@ use crate::error::RulesError;
 use crate::generate::inpod_ruleset;
 use crate::model::{Ruleset, Table};
 use crate::nft::consts::NFPROTO_INET;
-use crate::nft::lower::{self, NftChain, NftTable};
+use crate::nft::lower::{self, NftTable};
 use crate::nft::{Batch, NftError, NftSocket};
 
 const BACKEND: &str = "nftables";
@@ -91,33 +91,7 @@ impl NftablesBackend {
 /// drift verifier reads every held pod this way each interval. A table of ours without chains
 /// (hooks nothing) is not reported.
 fn read_tables(sock: &mut NftSocket) -> Result<Vec<NftTable>, NftError> {
-    let chains = sock.list_family_chains(NFPROTO_INET)?;
-    let rules = sock.list_family_rules(NFPROTO_INET)?;
-    let mut out = Vec::new();
-    for name in our_tables() {
-        let mut table: Vec<NftChain> = chains
-            .iter()
-            .filter(|c| c.table == name)
-            .map(|c| NftChain {
-                name: c.name.clone(),
-                base: c.base,
-                rules: Vec::new(),
-            })
-            .collect();
-        if table.is_empty() {
-            continue;
-        }
-        for r in rules.iter().filter(|r| r.table == name) {
-            if let Some(c) = table.iter_mut().find(|c| c.name == r.chain) {
-                c.rules.push(r.exprs.clone());
-            }
-        }
-        out.push(NftTable {
-            name: name.to_owned(),
-            chains: table,
-        });
-    }
-    Ok(out)
+    sock.read_family_tables(NFPROTO_INET, our_tables())
 }
 
 /// The differences of `actual` from `expected` (which differ), as text findings.

@@ -96,6 +96,43 @@ impl NftSocket {
             .collect()
     }
 
+    /// The named tables of one family as the kernel holds them, from two dumps (chains, then
+    /// rules) for the whole family; a table without chains (it hooks nothing) is left out.
+    pub fn read_family_tables<'a>(
+        &mut self,
+        family: u8,
+        names: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<super::lower::NftTable>, NftError> {
+        use super::lower::{NftChain, NftTable};
+        let chains = self.list_family_chains(family)?;
+        let rules = self.list_family_rules(family)?;
+        let mut out = Vec::new();
+        for name in names {
+            let mut table: Vec<NftChain> = chains
+                .iter()
+                .filter(|c| c.table == name)
+                .map(|c| NftChain {
+                    name: c.name.clone(),
+                    base: c.base,
+                    rules: Vec::new(),
+                })
+                .collect();
+            if table.is_empty() {
+                continue;
+            }
+            for r in rules.iter().filter(|r| r.table == name) {
+                if let Some(c) = table.iter_mut().find(|c| c.name == r.chain) {
+                    c.rules.push(r.exprs.clone());
+                }
+            }
+            out.push(NftTable {
+                name: name.to_owned(),
+                chains: table,
+            });
+        }
+        Ok(out)
+    }
+
     /// Elements of one set (key bytes and comment).
     pub fn list_elements(
         &mut self,

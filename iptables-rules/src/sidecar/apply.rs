@@ -68,7 +68,7 @@ fn matches_here(ipt: &Iptables, cfg: &SidecarConfig) -> Result<bool, RulesError>
         }
     }
     if cfg.mode == Mode::Tproxy {
-        return Ok(route::state()?.is_complete(cfg.ipv6));
+        return route::is_complete(cfg.ipv6);
     }
     Ok(true)
 }
@@ -105,7 +105,7 @@ fn apply_here(ipt: &Iptables, cfg: &SidecarConfig) -> Result<Applied, RulesError
         }
     }
     let mut wrote = !done.is_empty();
-    if cfg.mode == Mode::Tproxy && !route::state()?.is_complete(cfg.ipv6) {
+    if cfg.mode == Mode::Tproxy && !route::is_complete(cfg.ipv6)? {
         if let Err(e) = route::install(cfg.ipv6) {
             let e = match route::remove() {
                 Ok(()) => e,

@@ -10,7 +10,7 @@ use crate::backend::nftables::nft_err;
 use crate::error::RulesError;
 use crate::model::Family;
 use crate::netns::Netns;
-use crate::nft::lower::{NftChain, NftTable};
+use crate::nft::lower::NftTable;
 use crate::nft::NftSocket;
 
 /// What our tables should hold, per family (IPv6 empty unless the config is IPv6).
@@ -45,7 +45,7 @@ pub fn matches_nft(ns: &Netns, cfg: &SidecarConfig) -> Result<bool, RulesError> 
 }
 
 fn route_ok(cfg: &SidecarConfig) -> Result<bool, RulesError> {
-    Ok(cfg.mode != Mode::Tproxy || route::state()?.is_complete(cfg.ipv6))
+    Ok(cfg.mode != Mode::Tproxy || route::is_complete(cfg.ipv6)?)
 }
 
 fn tables_match(
@@ -107,31 +107,6 @@ fn apply_here(cfg: &SidecarConfig) -> Result<Applied, RulesError> {
 pub fn read(sock: &mut NftSocket, family: Family) -> Result<Vec<NftTable>, RulesError> {
     let fam = nfproto(family);
     let err = nft_err;
-    let chains = sock.list_family_chains(fam).map_err(err)?;
-    let rules = sock.list_family_rules(fam).map_err(err)?;
-    let mut out = Vec::new();
-    for (_, name) in TABLES {
-        let mut table: Vec<NftChain> = chains
-            .iter()
-            .filter(|c| c.table == name)
-            .map(|c| NftChain {
-                name: c.name.clone(),
-                base: c.base,
-                rules: Vec::new(),
-            })
-            .collect();
-        if table.is_empty() {
-            continue;
-        }
-        for r in rules.iter().filter(|r| r.table == name) {
-            if let Some(c) = table.iter_mut().find(|c| c.name == r.chain) {
-                c.rules.push(r.exprs.clone());
-            }
-        }
-        out.push(NftTable {
-            name: name.to_owned(),
-            chains: table,
-        });
-    }
-    Ok(out)
+    sock.read_family_tables(fam, TABLES.iter().map(|(_, name)| *name))
+        .map_err(err)
 }
