@@ -151,7 +151,8 @@ pub(crate) fn meta_cmp(e: &mut Vec<Expr>, key: MetaKey, op: CmpOp, data: Vec<u8>
     e.push(Expr::Cmp { sreg: R1, op, data });
 }
 
-fn op(neg: bool) -> CmpOp {
+/// `==`, or `!=` when `neg`.
+pub(crate) fn op(neg: bool) -> CmpOp {
     if neg {
         CmpOp::Neq
     } else {
@@ -185,6 +186,38 @@ fn addr_bytes(a: &IpAddr) -> Vec<u8> {
     }
 }
 
+/// Compares the network header's `prefix` bits at `offset` with `addr`'s (`!=` when `neg`):
+/// loads only the prefix's bytes and masks a partial last byte.
+pub(crate) fn prefix_cmp(e: &mut Vec<Expr>, offset: u32, addr: &[u8], prefix: u32, neg: bool) {
+    let prefix = prefix.min(addr.len() as u32 * 8);
+    let n = prefix.div_ceil(8) as usize;
+    e.push(Expr::Payload {
+        base: PayloadBase::Network,
+        offset,
+        len: n as u32,
+        dreg: R1,
+    });
+    let mut want = addr[..n].to_vec();
+    if !prefix.is_multiple_of(8) {
+        let mut mask = vec![0xffu8; n];
+        mask[n - 1] = 0xffu8 << (8 - prefix % 8);
+        for (w, m) in want.iter_mut().zip(&mask) {
+            *w &= m;
+        }
+        e.push(Expr::Bitwise {
+            sreg: R1,
+            dreg: R1,
+            mask,
+            xor: vec![0; n],
+        });
+    }
+    e.push(Expr::Cmp {
+        sreg: R1,
+        op: op(neg),
+        data: want,
+    });
+}
+
 /// `ip saddr|daddr [!=] net`: load only the prefix's bytes, mask a partial last byte, compare.
 fn addr_match(e: &mut Vec<Expr>, net: &model::Net, neg: bool, src: bool) -> Result<(), RulesError> {
     let f = net.family();
@@ -196,32 +229,7 @@ fn addr_match(e: &mut Vec<Expr>, net: &model::Net, neg: bool, src: bool) -> Resu
         )));
     }
     nfproto_guard(e, f);
-    let nbytes = prefix.div_ceil(8);
-    e.push(Expr::Payload {
-        base: PayloadBase::Network,
-        offset: addr_offset(f, src),
-        len: nbytes as u32,
-        dreg: R1,
-    });
-    let mut want = full[..nbytes].to_vec();
-    if prefix % 8 != 0 {
-        let mut mask = vec![0xffu8; nbytes];
-        mask[nbytes - 1] = 0xffu8 << (8 - prefix % 8);
-        for (w, m) in want.iter_mut().zip(&mask) {
-            *w &= m;
-        }
-        e.push(Expr::Bitwise {
-            sreg: R1,
-            dreg: R1,
-            mask,
-            xor: vec![0; nbytes],
-        });
-    }
-    e.push(Expr::Cmp {
-        sreg: R1,
-        op: op(neg),
-        data: want,
-    });
+    prefix_cmp(e, addr_offset(f, src), &full, prefix as u32, neg);
     Ok(())
 }
 

@@ -135,13 +135,7 @@ fn unsupported(what: &str) -> RulesError {
     ))
 }
 
-fn op(neg: bool) -> CmpOp {
-    if neg {
-        CmpOp::Neq
-    } else {
-        CmpOp::Eq
-    }
-}
+use crate::nft::lower::op;
 
 fn num<T: std::str::FromStr>(v: Option<&str>, what: &str) -> Result<T, RulesError> {
     v.and_then(|s| s.parse().ok())
@@ -168,33 +162,7 @@ fn addr_cmp(e: &mut Vec<Expr>, addr: IpAddr, len: u32, neg: bool, src: bool) {
         IpAddr::V4(a) => (a.octets().to_vec(), if src { 12 } else { 16 }),
         IpAddr::V6(a) => (a.octets().to_vec(), if src { 8 } else { 24 }),
     };
-    let len = len.min(bytes.len() as u32 * 8);
-    let n = len.div_ceil(8) as usize;
-    e.push(Expr::Payload {
-        base: PayloadBase::Network,
-        offset,
-        len: n as u32,
-        dreg: R1,
-    });
-    let mut want = bytes[..n].to_vec();
-    if !len.is_multiple_of(8) {
-        let mut mask = vec![0xffu8; n];
-        mask[n - 1] = 0xffu8 << (8 - len % 8);
-        for (w, m) in want.iter_mut().zip(&mask) {
-            *w &= m;
-        }
-        e.push(Expr::Bitwise {
-            sreg: R1,
-            dreg: R1,
-            mask,
-            xor: vec![0; n],
-        });
-    }
-    e.push(Expr::Cmp {
-        sreg: R1,
-        op: op(neg),
-        data: want,
-    });
+    crate::nft::lower::prefix_cmp(e, offset, &bytes, len, neg);
 }
 
 fn imm_set(e: &mut Vec<Expr>, data: Vec<u8>, set: Expr) {
