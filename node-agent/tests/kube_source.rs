@@ -170,7 +170,11 @@ async fn initial_sync_is_this_nodes_pods_and_all_namespaces() {
         unreachable!()
     };
     assert!(p.metadata.managed_fields.is_none());
-    assert!(p.spec.as_ref().unwrap().containers.is_empty());
+    // Containers keep only their names (sidecar mode reads them), never images or mounts.
+    let containers = &p.spec.as_ref().unwrap().containers;
+    assert_eq!(containers.len(), 1);
+    assert_eq!(containers[0].name, "c");
+    assert!(containers[0].image.is_none(), "{containers:?}");
     assert_eq!(
         p.status.as_ref().unwrap().pod_ip.as_deref(),
         Some("10.1.0.1")
