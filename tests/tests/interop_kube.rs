@@ -1571,3 +1571,115 @@ fn sidecar_pod_with_a_bad_annotation_fails_its_add_and_gets_a_warning_event() {
     chain.del(&att, None).expect("DEL");
     drop(agent);
 }
+
+/// Istio's two other repair modes against the real API server: a sidecar pod whose
+/// `istio-validation` ended with 126 is labelled `cni.istio.io/uninitialized=true`
+/// (`REPAIR_LABEL_PODS`), or deleted (`REPAIR_DELETE_PODS`, with the delete grant the chart
+/// adds only in that mode), each once, with Istio's Event reason.
+#[test]
+fn sidecar_repair_label_and_delete_modes_act_on_a_broken_pod() {
+    let test = "sidecar_repair_label_and_delete_modes_act_on_a_broken_pod";
+    let Some(peer) = kube_peer(test) else {
+        return;
+    };
+    let mut c = Cluster::new(peer, "rp");
+    let shop = format!("ik-{}-shop", c.suffix);
+    c.namespace(&shop, json!({}));
+    let kc = c.agent_kubeconfig();
+    let node = c.node();
+    let api: Api<Pod> = Api::namespaced(c.admin.clone(), &shop);
+    // A sidecar pod of this node whose validation init container failed with Istio's code.
+    let broken = |name: &str| {
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "annotations": {"sidecar.istio.io/status": "true"}},
+            "spec": {"nodeName": node, "serviceAccountName": WORKLOAD_SA,
+                "automountServiceAccountToken": false,
+                "initContainers": [{"name": "istio-validation", "image": "proxyv2"}],
+                "containers": [{"name": "app", "image": "app"},
+                               {"name": "istio-proxy", "image": "proxyv2", "args": ["proxy", "sidecar"]}]},
+        }))
+        .expect("pod");
+        c.rt.block_on(api.create(&PostParams::default(), &p))
+            .expect("create pod");
+        let status = json!({"status": {"phase": "Pending", "initContainerStatuses": [{
+            "name": "istio-validation", "image": "proxyv2", "imageID": "", "ready": false,
+            "restartCount": 1,
+            "state": {"terminated": {"exitCode": 126, "reason": "Error"}}}]}});
+        c.rt.block_on(api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)))
+            .expect("patch status");
+    };
+
+    // Label mode.
+    let dir = TempDir::new("acni-ikrp");
+    let agent = AgentProcess::start_kube(
+        &dir.join("label"),
+        &kc,
+        &node,
+        &["--repair-repair-pods=false", "--repair-label-pods=true"],
+    );
+    broken("labelled");
+    let label = |name: &str| {
+        c.rt.block_on(api.get(name))
+            .ok()
+            .and_then(|p| p.metadata.labels)
+            .and_then(|l| l.get("cni.istio.io/uninitialized").cloned())
+    };
+    wait("the broken pod labelled", &agent, || {
+        label("labelled").as_deref() == Some("true")
+    });
+    wait("the LabelBrokenPod Event", &agent, || {
+        !c.events(&shop, "labelled", "LabelBrokenPod").is_empty()
+    });
+    drop(agent);
+
+    // Delete mode: the chart grants `delete` on pods only here; the test grants it the same way.
+    let role = format!("{}-delete", c.role_name());
+    c.rt.block_on(async {
+        let r: ClusterRole = serde_json::from_value(json!({
+            "metadata": {"name": role},
+            "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["delete"]}]}))
+        .expect("role");
+        Api::<ClusterRole>::all(c.admin.clone())
+            .create(&PostParams::default(), &r)
+            .await
+            .expect("create ClusterRole");
+        let b: ClusterRoleBinding = serde_json::from_value(json!({
+            "metadata": {"name": role},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": role},
+            "subjects": [{"kind": "ServiceAccount", "name": AGENT_SA, "namespace": c.home}]}))
+        .expect("binding");
+        Api::<ClusterRoleBinding>::all(c.admin.clone())
+            .create(&PostParams::default(), &b)
+            .await
+            .expect("create ClusterRoleBinding");
+    });
+    let agent = AgentProcess::start_kube(
+        &dir.join("delete"),
+        &kc,
+        &node,
+        &["--repair-repair-pods=false", "--repair-delete-pods=true"],
+    );
+    broken("deleted");
+    wait("the DeleteBrokenPod Event", &agent, || {
+        !c.events(&shop, "deleted", "DeleteBrokenPod").is_empty()
+    });
+    // No kubelet here: the pod is marked for deletion (a kubelet would then remove it).
+    wait("the broken pod deleted", &agent, || {
+        c.rt.block_on(api.get("deleted"))
+            .map_or(true, |p| p.metadata.deletion_timestamp.is_some())
+    });
+    assert_eq!(
+        label("labelled").as_deref(),
+        Some("true"),
+        "the other pod is left as it was"
+    );
+    drop(agent);
+    c.rt.block_on(async {
+        let _ = Api::<ClusterRoleBinding>::all(c.admin.clone())
+            .delete(&role, &DeleteParams::default())
+            .await;
+        let _ = Api::<ClusterRole>::all(c.admin.clone())
+            .delete(&role, &DeleteParams::default())
+            .await;
+    });
+}
