@@ -6,10 +6,18 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use crate::backend::InstalledSection;
 use crate::model::Family;
 use crate::nft::host::ProbeEntry;
 use crate::route::RouteState;
+
+/// One section of installed state, e.g. `ipv4 nat` with its normalized rule lines.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InstalledSection {
+    /// What this is (`ipv4 mangle`, `inet istio-ambient-nat`, ...).
+    pub name: String,
+    /// Our rules/chains as the kernel reports them, normalized (no counters/handles).
+    pub lines: Vec<String>,
+}
 
 /// What part of a pod's capture drifted (the `kind` label of the drift-repair metric).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

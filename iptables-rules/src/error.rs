@@ -1,6 +1,7 @@
 //! Errors of rule installation; each names the netns, backend and command involved.
 
 use crate::netns::NetnsError;
+use crate::nft::NftError;
 
 /// Why installing, removing or inspecting redirection state failed.
 #[derive(Debug, thiserror::Error)]
@@ -108,5 +109,34 @@ impl RulesError {
             RulesError::InNetns { source, .. } => source.is_not_available(),
             _ => false,
         }
+    }
+}
+
+/// Maps an nf_tables error to the crate error, naming the object or operation.
+pub(crate) fn nft_err(e: NftError) -> RulesError {
+    let (op, reason) = match &e {
+        NftError::Object {
+            object,
+            source,
+            detail,
+        }
+        | NftError::Request {
+            what: object,
+            source,
+            detail,
+        } => (
+            object.clone(),
+            match detail {
+                Some(d) => format!("{source} ({d})"),
+                None => source.to_string(),
+            },
+        ),
+        NftError::Socket { op, source } => ((*op).to_owned(), source.to_string()),
+        NftError::Protocol { what } => (what.clone(), "malformed or unexpected reply".into()),
+    };
+    RulesError::Netlink {
+        backend: "nftables".into(),
+        op,
+        reason,
     }
 }

@@ -54,14 +54,7 @@ impl FromStr for BackendKind {
     }
 }
 
-/// One section of installed state, e.g. `ipv4 nat` with its normalized rule lines.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InstalledSection {
-    /// What this is (`ipv4 mangle`, `inet istio-ambient-nat`, ...).
-    pub name: String,
-    /// Our rules/chains as the kernel reports them, normalized (no counters/handles).
-    pub lines: Vec<String>,
-}
+pub use crate::drift::InstalledSection;
 
 /// What a backend finds of our rules in the current netns.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,8 +17,6 @@ use crate::nft::consts::NFPROTO_INET;
 use crate::nft::lower::{self, NftTable};
 use crate::nft::{Batch, NftError, NftSocket};
 
-const BACKEND: &str = "nftables";
-
 /// Builds the nftables backend.
 pub fn make() -> Result<Box<dyn RulesBackend>, RulesError> {
     Ok(Box::new(NftablesBackend))
@@ -33,34 +31,7 @@ fn our_tables() -> [&'static str; 3] {
     Table::NFT_ORDER.map(Table::nft_name)
 }
 
-/// Maps an nf_tables error to the crate error, naming the object or operation.
-pub(crate) fn nft_err(e: NftError) -> RulesError {
-    let (op, reason) = match &e {
-        NftError::Object {
-            object,
-            source,
-            detail,
-        }
-        | NftError::Request {
-            what: object,
-            source,
-            detail,
-        } => (
-            object.clone(),
-            match detail {
-                Some(d) => format!("{source} ({d})"),
-                None => source.to_string(),
-            },
-        ),
-        NftError::Socket { op, source } => ((*op).to_owned(), source.to_string()),
-        NftError::Protocol { what } => (what.clone(), "malformed or unexpected reply".into()),
-    };
-    RulesError::Netlink {
-        backend: BACKEND.into(),
-        op,
-        reason,
-    }
-}
+pub(crate) use crate::error::nft_err;
 
 impl NftablesBackend {
     /// Makes `rs` the exact content of our tables in the current netns, atomically.

@@ -11,9 +11,9 @@ use super::batch::{Batch, SetElem, SetKey};
 use super::consts::NFPROTO_INET;
 use super::lower;
 use super::socket::NftSocket;
-use crate::backend::nftables::nft_err;
 use crate::config::HostProbeConfig;
 use crate::constants::{nft::TABLE_NAT, PROBE_SET_V4, PROBE_SET_V6};
+use crate::error::nft_err;
 use crate::error::RulesError;
 use crate::generate::host_probe_ruleset;
 

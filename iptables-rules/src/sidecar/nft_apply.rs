@@ -6,7 +6,7 @@ use super::generate;
 use super::nft::{apply_batch, lower, nfproto, TABLES};
 use super::route;
 use super::{Applied, Mode, SidecarConfig};
-use crate::backend::nftables::nft_err;
+use crate::error::nft_err;
 use crate::error::RulesError;
 use crate::model::Family;
 use crate::netns::Netns;
