@@ -151,6 +151,21 @@ pub(crate) fn meta_cmp(e: &mut Vec<Expr>, key: MetaKey, op: CmpOp, data: Vec<u8>
     e.push(Expr::Cmp { sreg: R1, op, data });
 }
 
+/// Compares the 16-bit transport port at `offset` with `port` (`!=` when `neg`).
+pub(crate) fn port_cmp(e: &mut Vec<Expr>, offset: u32, port: u16, neg: bool) {
+    e.push(Expr::Payload {
+        base: PayloadBase::Transport,
+        offset,
+        len: 2,
+        dreg: R1,
+    });
+    e.push(Expr::Cmp {
+        sreg: R1,
+        op: op(neg),
+        data: port.to_be_bytes().to_vec(),
+    });
+}
+
 /// `==`, or `!=` when `neg`.
 pub(crate) fn op(neg: bool) -> CmpOp {
     if neg {
@@ -332,17 +347,7 @@ fn port_match(
             "nftables: port match {port} without a protocol match"
         )));
     }
-    e.push(Expr::Payload {
-        base: PayloadBase::Transport,
-        offset,
-        len: 2,
-        dreg: R1,
-    });
-    e.push(Expr::Cmp {
-        sreg: R1,
-        op: op(neg),
-        data: port.to_be_bytes().to_vec(),
-    });
+    port_cmp(e, offset, port, neg);
     Ok(())
 }
 

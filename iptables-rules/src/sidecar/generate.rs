@@ -235,59 +235,19 @@ pub fn rules(cfg: &SidecarConfig) -> (Vec<Rule>, Vec<Rule>) {
     let dports = format!("53,{tunnel}");
     // The proxy's own traffic: to itself over lo goes inbound, anything else direct.
     for (owner, id) in [("--uid-owner", &uid), ("--gid-owner", &gid)] {
-        if dns && owner == "--uid-owner" {
-            b.versioned(
-                LOOPBACK_V4,
-                LOOPBACK_V6,
-                "nat",
-                ISTIO_OUTPUT,
-                &[
-                    "-o",
-                    "lo",
-                    "!",
-                    "-d",
-                    IP,
-                    "-p",
-                    "tcp",
-                    "-m",
-                    "multiport",
-                    "!",
-                    "--dports",
-                    &dports,
-                    "-m",
-                    "owner",
-                    owner,
-                    id,
-                    "-j",
-                    ISTIO_IN_REDIRECT,
-                ],
-            );
+        // With DNS capture the proxy's DNS to itself stays on lo as well (Istio's multiport form).
+        let not_tunnel: &[&str] = if dns && owner == "--uid-owner" {
+            &["-m", "multiport", "!", "--dports", &dports]
         } else {
-            b.versioned(
-                LOOPBACK_V4,
-                LOOPBACK_V6,
-                "nat",
-                ISTIO_OUTPUT,
-                &[
-                    "-o",
-                    "lo",
-                    "!",
-                    "-d",
-                    IP,
-                    "-p",
-                    "tcp",
-                    "!",
-                    "--dport",
-                    &tunnel,
-                    "-m",
-                    "owner",
-                    owner,
-                    id,
-                    "-j",
-                    ISTIO_IN_REDIRECT,
-                ],
-            );
-        }
+            &["!", "--dport", &tunnel]
+        };
+        let args: Vec<&str> = ["-o", "lo", "!", "-d", IP, "-p", "tcp"]
+            .iter()
+            .chain(not_tunnel)
+            .chain(&["-m", "owner", owner, id, "-j", ISTIO_IN_REDIRECT])
+            .copied()
+            .collect();
+        b.versioned(LOOPBACK_V4, LOOPBACK_V6, "nat", ISTIO_OUTPUT, &args);
         if !include_has_loopback {
             if dns {
                 b.append(

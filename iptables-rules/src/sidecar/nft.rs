@@ -135,25 +135,11 @@ fn unsupported(what: &str) -> RulesError {
     ))
 }
 
-use crate::nft::lower::op;
+use crate::nft::lower::{op, port_cmp};
 
 fn num<T: std::str::FromStr>(v: Option<&str>, what: &str) -> Result<T, RulesError> {
     v.and_then(|s| s.parse().ok())
         .ok_or_else(|| unsupported(what))
-}
-
-fn port_cmp(e: &mut Vec<Expr>, offset: u32, port: u16, neg: bool) {
-    e.push(Expr::Payload {
-        base: PayloadBase::Transport,
-        offset,
-        len: 2,
-        dreg: R1,
-    });
-    e.push(Expr::Cmp {
-        sreg: R1,
-        op: op(neg),
-        data: port.to_be_bytes().to_vec(),
-    });
 }
 
 /// `ip|ip6 saddr|daddr [!=] addr/len`: load the prefix's bytes, mask a partial last byte.
