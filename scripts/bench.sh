@@ -7,11 +7,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
-# The plugin as shipped: static musl (skipped with a note when the target is missing).
+# The plugin and the agent as shipped (the image's static musl builds; skipped with a note
+# when the target is missing). The benches exec the agent named by AMBIENT_CNI_AGENT.
 if rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl; then
-    cargo build --release -p ambient-cni --target x86_64-unknown-linux-musl
+    cargo build --release -p ambient-cni -p ambient-cni-agent --target x86_64-unknown-linux-musl
+    export AMBIENT_CNI_AGENT="${AMBIENT_CNI_AGENT:-$CARGO_TARGET_DIR/x86_64-unknown-linux-musl/release/ambient-cni-agent}"
 else
-    echo "bench: x86_64-unknown-linux-musl not installed; measuring the glibc plugin build" >&2
+    echo "bench: x86_64-unknown-linux-musl not installed; measuring the glibc plugin and agent builds" >&2
 fi
 # The benches exec these from target/release.
 cargo build --release -p ambient-cni -p ambient-cni-agent -p ambient-cni-tests --bins

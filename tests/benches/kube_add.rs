@@ -28,7 +28,8 @@ use ambient_cni_api::zds::{
     WorkloadRequest, WorkloadResponse, ZdsHello,
 };
 use ambient_cni_tests::bench::{
-    add_in, pct, phase_table, phases, plugin_conf, pods_from_env, where_time_goes, PhaseRow,
+    add_in, answer, mean, pct, phase_table, phases, plugin_conf, pods_from_env, proc_cpu_ms,
+    where_time_goes, PhaseRow,
 };
 use ambient_cni_tests::peers::{xds_yaml, XdsWorkload, Ztunnel};
 use ambient_cni_tests::*;
@@ -272,45 +273,114 @@ struct Ours {
     times: Vec<Duration>,
     phases: String,
     rows: Vec<PhaseRow>,
+    answer: Option<PhaseRow>,
     annotated_after: Option<Duration>,
+    /// CPU the API server, etcd and the controller manager used per ADD during the ADDs, ms.
+    cluster_cpu_per_add: f64,
+    /// CPU the agent used per ADD during the ADDs, ms.
+    agent_cpu_per_add: f64,
 }
 
-/// Our ADDs on the kube source with `backend`, stock ztunnel acking.
-fn ours(c: &Cluster, zt_bin: &Path, backend: &str, prefix: &str, n: usize) -> Ours {
+/// The kube peer's processes (kube-apiserver, etcd, the controller manager), by name in /proc.
+fn cluster_pids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| matches!(c.trim(), "kube-apiserver" | "etcd" | "kube-controller"))
+        })
+        .collect()
+}
+
+/// Puts every thread of the kube peer's processes under SCHED_IDLE (`idle`) or back to
+/// SCHED_OTHER: idle, they run only on CPU the node's own work leaves, as if they ran on
+/// other machines (on a real cluster they do: a worker node runs no API server).
+fn cluster_idle(idle: bool) -> bool {
+    let policy = if idle { "--idle" } else { "--other" };
+    cluster_pids().into_iter().all(|pid| {
+        std::process::Command::new("chrt")
+            .args(["--all-tasks", policy, "--pid", "0", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success())
+    })
+}
+
+/// The kube peer under SCHED_IDLE while it lives (back to SCHED_OTHER on drop, a panic too).
+struct IdleCluster;
+
+impl IdleCluster {
+    fn new() -> Self {
+        assert!(
+            cluster_idle(true),
+            "chrt --idle on the kube peer's processes"
+        );
+        Self
+    }
+}
+
+impl Drop for IdleCluster {
+    fn drop(&mut self) {
+        if !cluster_idle(false) {
+            eprintln!("kube_add: could not put the kube peer back to SCHED_OTHER");
+        }
+    }
+}
+
+/// [`proc_cpu_ms`] summed over the kube peer's processes (kube-apiserver, etcd, the controller
+/// manager), found by name in /proc.
+fn cluster_cpu_ms() -> f64 {
+    cluster_pids().into_iter().map(proc_cpu_ms).sum()
+}
+
+/// Our ADDs, back to back, on the kube source with the agent's extra `args` (its rules
+/// backend), stock ztunnel acking (the stand-in when `zt_bin` is `None`).
+fn ours(c: &Cluster, zt_bin: Option<&Path>, args: &[&str], prefix: &str, n: usize) -> Ours {
     let dir = TempDir::new("acni-kbench");
     let node = unique("kbnode");
     let pods = c.pods(prefix, n, &node);
     std::fs::write(dir.join("xds.yaml"), xds_for(&c.ns, &pods)).expect("xds file");
     let metrics = format!("127.0.0.1:{}", free_port());
     // Pods exist before the agent starts: its initial list holds them (the steady state).
-    let agent = AgentProcess::start_kube(
-        &dir.0,
-        &c.kubeconfig,
-        &node,
-        &[
-            "--rules-backend",
-            backend,
-            "--log-level",
-            "warn,ambient_cni_agent::mesh::controller=info",
-            "--metrics-addr",
-            &metrics,
-        ],
-    );
-    let z = Ztunnel::start(
-        zt_bin,
-        &dir.join("ztunnel.sock"),
-        &dir.join("xds.yaml"),
-        &dir.join("zt.log"),
-    );
-    assert!(
-        z.wait_ready(Duration::from_secs(20)),
-        "ztunnel not ready:\n{}",
-        z.log_text()
-    );
+    let mut all = vec![
+        "--log-level",
+        "warn,ambient_cni_agent::mesh::controller=info",
+        "--metrics-addr",
+        &metrics,
+    ];
+    all.extend_from_slice(args);
+    let agent = AgentProcess::start_kube(&dir.0, &c.kubeconfig, &node, &all);
+    let (z, standin) = match zt_bin {
+        Some(bin) => {
+            let z = Ztunnel::start(
+                bin,
+                &dir.join("ztunnel.sock"),
+                &dir.join("xds.yaml"),
+                &dir.join("zt.log"),
+            );
+            assert!(
+                z.wait_ready(Duration::from_secs(20)),
+                "ztunnel not ready:\n{}",
+                z.log_text()
+            );
+            (Some(z), None)
+        }
+        None => {
+            let s = Standin::start(
+                &dir.join("ztunnel.sock"),
+                &dir.join("standin.jsonl"),
+                &["--no-dns"],
+            );
+            assert!(s.wait_count("snapshot_sent", 1, Duration::from_secs(10)));
+            (None, Some(s))
+        }
+    };
     let conf: serde_json::Value =
         serde_json::from_str(&plugin_conf(&agent.socket)).expect("plugin conf");
     let netns: Vec<NamedNetns> = pods.iter().map(|_| NamedNetns::new()).collect();
     let mut times = Vec::with_capacity(n);
+    let cpu0 = [cluster_cpu_ms(), proc_cpu_ms(agent.pid())];
     for ((name, uid), ns) in pods.iter().zip(&netns) {
         // Each pod its own IP, as on a node: the host probe set then adds an element per pod
         // instead of replacing one shared element's owner.
@@ -323,6 +393,8 @@ fn ours(c: &Cluster, zt_bin: &Path, backend: &str, prefix: &str, n: usize) -> Ou
         times.push(out.elapsed);
     }
     let last = Instant::now();
+    let cpu = |now: [f64; 2]| (now[0] - cpu0[0], now[1] - cpu0[1]);
+    let (cluster_cpu, agent_cpu) = cpu([cluster_cpu_ms(), proc_cpu_ms(agent.pid())]);
     let names: Vec<&str> = pods.iter().map(|(n, _)| n.as_str()).collect();
     let done = wait_for(Duration::from_secs(20), || c.annotated(&names) == n);
     let annotated_after = done.then(|| last.elapsed());
@@ -332,15 +404,22 @@ fn ours(c: &Cluster, zt_bin: &Path, backend: &str, prefix: &str, n: usize) -> Ou
         _ => String::new(),
     };
     let (phases, rows) = (phase_table(&body), self::phases(&body).unwrap_or_default());
-    let started = z.log_text().matches("pod received, starting proxy").count();
-    assert_eq!(started, n, "ztunnel started a proxy per ADD");
+    let answer = answer(&body);
+    if let Some(z) = &z {
+        let started = z.log_text().matches("pod received, starting proxy").count();
+        assert_eq!(started, n, "ztunnel started a proxy per ADD");
+    }
     drop(z);
+    drop(standin);
     drop(agent);
     Ours {
         times,
         phases,
         rows,
+        answer,
         annotated_after,
+        cluster_cpu_per_add: cluster_cpu / n as f64,
+        agent_cpu_per_add: agent_cpu / n as f64,
     }
 }
 
@@ -623,8 +702,22 @@ fn main() {
     let (t50, t99) = (floor[0].1, floor[0].2);
     let (istio, steps) = istio_path(&c, &zt, n);
     let (i50, i99) = (pct(&istio, 50), pct(&istio, 99));
-    let nft = ours(&c, &zt, "nftables", "n", n);
-    let ipt = ours(&c, &zt, "iptables", "t", n);
+    const NFT: &[&str] = &["--rules-backend", "nftables"];
+    const IPT: &[&str] = &["--rules-backend", "iptables"];
+    let nft = ours(&c, Some(&zt), NFT, "n", n);
+    let standin = ours(&c, None, NFT, "s", n);
+    let yielding = {
+        let _idle = IdleCluster::new();
+        ours(&c, Some(&zt), NFT, "y", n)
+    };
+    let ipt = ours(&c, Some(&zt), IPT, "t", n);
+    let ipt4 = ours(
+        &c,
+        Some(&zt),
+        &["--rules-backend", "iptables", "--ambient-ipv6=false"],
+        "f",
+        n,
+    );
     let nft_alone = rules_alone(iptables_rules::backend::BackendKind::Nftables, 50);
     let ipt_alone = rules_alone(iptables_rules::backend::BackendKind::Iptables, 50);
     let zds_alone = pct(&steps[4].1, 50);
@@ -651,11 +744,33 @@ fn main() {
         "p50 ≤ 1.0 ms and p99 ≤ 2.5 ms over /bin/true",
         n50 - t50 <= 1.0 && n99 - t99 <= 2.5,
     );
+    let (p50, p99) = (pct(&standin.times, 50), pct(&standin.times, 99));
+    println!(
+        "| ours, nftables, kube source, ztunnel stand-in | {p50:.2} | {p99:.2} | +{:.2} ms (p99 +{:.2} ms) | {:.1}x | (attribution, not a target row) | - |",
+        p50 - t50,
+        p99 - t99,
+        i50 / p50,
+    );
+    let (p50, p99) = (pct(&yielding.times, 50), pct(&yielding.times, 99));
+    println!(
+        "| ours, nftables, kube source, the API server, etcd and controller manager at SCHED_IDLE (as if on other machines) | {p50:.2} | {p99:.2} | +{:.2} ms (p99 +{:.2} ms) | {:.1}x | (attribution, not a target row) | - |",
+        p50 - t50,
+        p99 - t99,
+        i50 / p50,
+    );
     row(
         "ours, iptables, kube source",
         &ipt,
         "p50 ≤ 4 ms",
         pct(&ipt.times, 50) <= 4.0,
+    );
+    let (p50, p99) = (pct(&ipt4.times, 50), pct(&ipt4.times, 99));
+    println!(
+        "| ours, iptables, kube source, IPv4 only (`AMBIENT_IPV6=false`: one `iptables-restore`) | {p50:.2} | {p99:.2} | +{:.2} ms (p99 +{:.2} ms) | {:.1}x | p50 ≤ 4 ms | {} |",
+        p50 - t50,
+        p99 - t99,
+        i50 / p50,
+        if p50 <= 4.0 { "met" } else { "NOT met" }
     );
     println!(
         "\nours (nftables) vs Istio's path at p50: {:.1}x faster (target ≥ 10x: {})",
@@ -671,21 +786,44 @@ fn main() {
             None => println!("status annotation ({what}): NOT all {n} pods annotated within 20 s"),
         }
     }
+    for (what, o) in [("nftables", &nft), ("iptables", &ipt)] {
+        println!(
+            "CPU per ADD while the ADDs ran ({what}): API server + etcd + controller manager {:.2} ms, the agent {:.2} ms",
+            o.cluster_cpu_per_add, o.agent_cpu_per_add
+        );
+    }
     println!("\nIstio's path, where its time goes (same run):\n");
     println!("| step | p50 ms | p99 ms |");
     println!("|---|---|---|");
     for (name, v) in &steps {
         println!("| {name} | {:.2} | {:.2} |", pct(v, 50), pct(v, 99));
     }
-    for (what, o) in [("nftables", &nft), ("iptables", &ipt)] {
+    for (what, o) in [
+        ("nftables", &nft),
+        ("iptables", &ipt),
+        ("iptables, IPv4 only", &ipt4),
+    ] {
         println!("\nour ADD's phases, {what}, kube source, stock ztunnel (the agent's own clock, `ambient_cni_add_phase_seconds`):\n");
         print!("{}", o.phases);
     }
     println!("\nWhere the time goes (same run):\n");
-    for (what, o) in [("nftables", &nft), ("iptables", &ipt)] {
+    let tmean = floor[0].3;
+    for (what, o) in [
+        ("nftables", &nft),
+        ("nftables, ztunnel stand-in", &standin),
+        ("nftables, cluster at SCHED_IDLE", &yielding),
+        ("iptables", &ipt),
+        ("iptables, IPv4 only", &ipt4),
+    ] {
         println!(
             "- {}",
-            where_time_goes(&format!("ours, {what}"), pct(&o.times, 50), t50, &o.rows)
+            where_time_goes(
+                &format!("ours, {what}"),
+                &o.times,
+                tmean,
+                &o.rows,
+                o.answer.as_ref()
+            )
         );
     }
     let phase = |o: &Ours, name: &str| {
@@ -695,6 +833,10 @@ fn main() {
             .and_then(|r| r.p50)
             .unwrap_or(f64::NAN)
     };
+    // The mean time outside the agent's answer (NaN without the answer histogram).
+    let outside = |o: &Ours| {
+        mean(&o.times) - tmean - o.answer.as_ref().and_then(|a| a.mean).unwrap_or(f64::NAN)
+    };
     if n50 - t50 > 1.0 || n99 - t99 > 2.5 {
         println!(
             "- nftables target NOT met. ztunnel's ack is {:.2} ms at p50 in our ADD and {zds_alone:.2} ms \
@@ -702,11 +844,29 @@ fn main() {
              on AddWorkload, paid by any CNI. The rules are {:.2} ms in our ADD and {nft_alone:.2} ms \
              measured alone (a thread entering a fresh netns + one nf_tables transaction for IPv4 \
              and IPv6 + one route datagram; two netlink families, so two round trips). Those two \
-             alone are {:.2} ms of the 1.0 ms allowed; the p99 is the shared machine's scheduling \
-             (1-minute load in the section header).",
+             alone are {:.2} ms of the 1.0 ms allowed; with the netns and record phases ({:.2} ms) \
+             and the plugin's round trip to an idle agent (about 0.2 ms over /bin/true, \
+             `plugin_add`), this path's floor is {:.2} ms over /bin/true with stock ztunnel on \
+             this kernel. Outside the agent's answer (means above) lie {:.2} ms ({:.2} ms \
+             with the stand-in, {:.2} ms with the API server, etcd and controller manager at \
+             SCHED_IDLE), where the plugin's round trip costs about 0.2 ms and a local-source ADD about 0.4 ms (`agent_enroll`). On \
+             the kube source the agent also writes each pod's status and takes the watch event \
+             that echoes it back: its CPU per ADD is {:.2} ms here (`agent_enroll` prints the \
+             local source's). Those writes start 10 ms after their ADD (started at once, they \
+             added about 0.9 ms to it); in back-to-back ADDs they land beside a later one. The \
+             cluster's own CPU ({:.2} ms per ADD) is not what the ADD waits for: idling it does \
+             not shorten the ADD. The p99 is the shared machine's scheduling (1-minute load in \
+             the section header).",
             phase(&nft, "ztunnel"),
             phase(&nft, "rules"),
-            zds_alone + nft_alone
+            zds_alone + nft_alone,
+            phase(&nft, "netns") + phase(&nft, "record"),
+            zds_alone + nft_alone + phase(&nft, "netns") + phase(&nft, "record") + 0.2,
+            outside(&nft),
+            outside(&standin),
+            outside(&yielding),
+            nft.agent_cpu_per_add,
+            nft.cluster_cpu_per_add,
         );
     }
     if pct(&ipt.times, 50) > 4.0 {
@@ -714,8 +874,19 @@ fn main() {
             "- iptables target NOT met: its rules phase is {:.2} ms at p50, and {ipt_alone:.2} ms \
              measured alone: with IPv6 on, one `iptables-restore` exec per family (a fresh pod's \
              `*-save` is skipped; running both families at once was slower here: iptables-nft \
-             commits serialise per netns and retry on a changed generation).",
-            phase(&ipt, "rules")
+             commits serialise per netns and retry on a changed generation). Each exec is a \
+             dynamically linked binary that loads its extensions and reads the netns' ruleset \
+             before it commits; the iptables backend exists to run exactly those binaries, so \
+             this is its floor. IPv4 only (one exec): rules {:.2} ms, ADD {:.2} ms at p50 ({}); \
+             the nftables backend (the default) does the same work in one netlink transaction.",
+            phase(&ipt, "rules"),
+            phase(&ipt4, "rules"),
+            pct(&ipt4.times, 50),
+            if pct(&ipt4.times, 50) <= 4.0 {
+                "met"
+            } else {
+                "NOT met"
+            }
         );
     }
     if i50 / n50 < 10.0 {

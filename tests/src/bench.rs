@@ -1,5 +1,6 @@
 //! What the end-to-end benches share: a captured-pod ADD exec'd like a runtime does.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -16,8 +17,8 @@ pub fn pct(v: &[Duration], p: usize) -> f64 {
 
 /// Rows showing what the exec harness ([`crate::exec_plugin`]) adds: `/bin/true` and
 /// `sleep 0.001` timed by the same code, 200 times each. The second minus the first should be
-/// 1 ms plus sleep's own start-up, never a polling quantum.
-pub fn harness_rows() -> Vec<(String, f64, f64)> {
+/// 1 ms plus sleep's own start-up, never a polling quantum. Each row: name, p50, p99, mean (ms).
+pub fn harness_rows() -> Vec<(String, f64, f64, f64)> {
     let time = |bin: &str, args: &[&str]| {
         let mut v = Vec::with_capacity(200);
         for _ in 0..220 {
@@ -33,8 +34,8 @@ pub fn harness_rows() -> Vec<(String, f64, f64)> {
     let t = time("/bin/true", &[]);
     let s = time("/bin/sleep", &["0.001"]);
     vec![
-        ("/bin/true".into(), pct(&t, 50), pct(&t, 99)),
-        ("sleep 0.001".into(), pct(&s, 50), pct(&s, 99)),
+        ("/bin/true".into(), pct(&t, 50), pct(&t, 99), mean(&t)),
+        ("sleep 0.001".into(), pct(&s, 50), pct(&s, 99), mean(&s)),
     ]
 }
 
@@ -130,7 +131,7 @@ pub fn histogram_quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     Some(lo_le)
 }
 
-/// One phase of the agent's ADD histogram: name, p50 and p99 in ms (None without
+/// One phase of the agent's ADD histogram: name, p50, p99 and mean in ms (None without
 /// observations), and how many ADDs it counted.
 #[derive(Debug, Clone, PartialEq)]
 pub struct PhaseRow {
@@ -140,66 +141,98 @@ pub struct PhaseRow {
     pub p50: Option<f64>,
     /// 99th percentile, ms.
     pub p99: Option<f64>,
+    /// Mean (`_sum / _count`), ms: exact, unlike quantiles read from buckets, so means add up.
+    pub mean: Option<f64>,
     /// Observations.
     pub count: f64,
+}
+
+/// The agent's time to answer a plugin ADD, request decoded to reply (its own clock).
+pub const ANSWER_METRIC: &str = "ambient_cni_plugin_add_duration_seconds";
+
+/// Every series of histogram `name` in an OpenMetrics text, keyed by the value of label `by`
+/// (summed over any other label; "" when `by` is absent); `None` when there is no such family.
+fn histograms(metrics: &str, name: &str, by: &str) -> Option<BTreeMap<String, PhaseRow>> {
+    let family = crate::expo::parse(metrics)
+        .ok()
+        .and_then(|e| e.family(name).cloned())?;
+    #[derive(Default)]
+    struct Acc {
+        buckets: BTreeMap<u64, f64>,
+        sum: f64,
+        count: f64,
+    }
+    let mut acc: BTreeMap<String, Acc> = BTreeMap::new();
+    for s in &family.samples {
+        let key = s.labels.get(by).cloned().unwrap_or_default();
+        let a = acc.entry(key).or_default();
+        if s.name == format!("{name}_sum") {
+            a.sum += s.value;
+        } else if s.name == format!("{name}_count") {
+            a.count += s.value;
+        } else if s.name == format!("{name}_bucket") {
+            let le: f64 = match s.labels.get("le").map(String::as_str) {
+                Some("+Inf") => f64::INFINITY,
+                Some(le) => match le.parse() {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                },
+                None => continue,
+            };
+            *a.buckets.entry(le.to_bits()).or_default() += s.value;
+        }
+    }
+    Some(
+        acc.into_iter()
+            .map(|(k, a)| {
+                let buckets: Vec<(f64, f64)> = a
+                    .buckets
+                    .iter()
+                    .map(|(le, v)| (f64::from_bits(*le), *v))
+                    .collect();
+                let q = |q| histogram_quantile(&buckets, q).map(|s| s * 1e3);
+                let count = buckets.iter().map(|b| b.1).fold(a.count, f64::max);
+                let row = PhaseRow {
+                    p50: q(0.5),
+                    p99: q(0.99),
+                    mean: (a.count > 0.0).then(|| a.sum / a.count * 1e3),
+                    count,
+                    phase: k.clone(),
+                };
+                (k, row)
+            })
+            .collect(),
+    )
 }
 
 /// The phases of [`PHASE_METRIC`] in an OpenMetrics text, in [`PHASES`] order (then any other
 /// phase the agent reports); `None` when the agent has no such histogram (or the text does
 /// not parse).
 pub fn phases(metrics: &str) -> Option<Vec<PhaseRow>> {
-    let family = crate::expo::parse(metrics)
-        .ok()
-        .and_then(|e| e.family(PHASE_METRIC).cloned())?;
-    // Buckets per phase, summed over any other label.
-    let mut by_phase: std::collections::BTreeMap<String, std::collections::BTreeMap<u64, f64>> =
-        Default::default();
-    for s in &family.samples {
-        if s.name != format!("{PHASE_METRIC}_bucket") {
-            continue;
-        }
-        let (Some(phase), Some(le)) = (s.labels.get("phase"), s.labels.get("le")) else {
-            continue;
-        };
-        let le: f64 = if le == "+Inf" {
-            f64::INFINITY
-        } else {
-            match le.parse() {
-                Ok(v) => v,
-                Err(_) => continue,
-            }
-        };
-        *by_phase
-            .entry(phase.clone())
-            .or_default()
-            .entry(le.to_bits())
-            .or_default() += s.value;
-    }
-    let mut names: Vec<String> = PHASES.iter().map(|p| p.to_string()).collect();
-    names.extend(
-        by_phase
-            .keys()
-            .filter(|k| !PHASES.contains(&k.as_str()))
-            .cloned(),
-    );
-    Some(
-        names
-            .into_iter()
-            .map(|p| {
-                let buckets: Vec<(f64, f64)> = by_phase
-                    .get(&p)
-                    .map(|m| m.iter().map(|(k, v)| (f64::from_bits(*k), *v)).collect())
-                    .unwrap_or_default();
-                let q = |q| histogram_quantile(&buckets, q).map(|s| s * 1e3);
-                PhaseRow {
-                    p50: q(0.5),
-                    p99: q(0.99),
-                    count: buckets.iter().map(|b| b.1).fold(0.0, f64::max),
-                    phase: p,
-                }
+    let mut by_phase = histograms(metrics, PHASE_METRIC, "phase")?;
+    by_phase.remove("");
+    let mut rows: Vec<PhaseRow> = PHASES
+        .iter()
+        .map(|p| {
+            by_phase.remove(*p).unwrap_or(PhaseRow {
+                phase: p.to_string(),
+                p50: None,
+                p99: None,
+                mean: None,
+                count: 0.0,
             })
-            .collect(),
-    )
+        })
+        .collect();
+    rows.extend(by_phase.into_values());
+    Some(rows)
+}
+
+/// The agent's answer to plugin ADDs ([`ANSWER_METRIC`]); `None` when it exports none.
+pub fn answer(metrics: &str) -> Option<PhaseRow> {
+    let mut h = histograms(metrics, ANSWER_METRIC, "")?;
+    let mut row = h.remove("")?;
+    row.phase = "answer".into();
+    Some(row)
 }
 
 /// The per-phase table (p50, p99 in ms, count) from an OpenMetrics text, one row per phase in
@@ -233,14 +266,22 @@ pub fn phase_table(metrics: &str) -> String {
     out
 }
 
-/// "Where the time goes" for one measured ADD path, from the same run: the exec floor
-/// (`/bin/true` timed the same way), the agent's phases at p50 (largest first), and what is
-/// left (the plugin's start-up beyond the floor, its UDS + gRPC round trip, the agent's
-/// scheduling between phases). Medians do not add up exactly; the rest is an estimate.
-pub fn where_time_goes(what: &str, total_p50: f64, floor_p50: f64, rows: &[PhaseRow]) -> String {
+/// "Where the time goes" for one measured ADD path, from the same run, in means (which add
+/// up, unlike medians): the exec floor (`/bin/true` timed the same way), the agent's answer
+/// (its phases, largest first, and the gaps between them), and what lies outside the answer
+/// (the plugin's start-up beyond the floor, connect, HTTP/2 + gRPC framing, the wake-up of the
+/// agent's handler). The p50 is shown beside it for reference.
+pub fn where_time_goes(
+    what: &str,
+    times: &[Duration],
+    floor_mean: f64,
+    rows: &[PhaseRow],
+    answer: Option<&PhaseRow>,
+) -> String {
+    let total = mean(times);
     let mut named: Vec<(&str, f64)> = rows
         .iter()
-        .filter_map(|r| r.p50.map(|v| (r.phase.as_str(), v)))
+        .filter_map(|r| r.mean.map(|v| (r.phase.as_str(), v)))
         .collect();
     named.sort_by(|a, b| b.1.total_cmp(&a.1));
     let sum: f64 = named.iter().map(|p| p.1).sum();
@@ -249,17 +290,54 @@ pub fn where_time_goes(what: &str, total_p50: f64, floor_p50: f64, rows: &[Phase
         .filter(|p| p.1 >= 0.05)
         .map(|(p, v)| format!("{p} {v:.2}"))
         .collect();
-    format!(
-        "{what}: {total_p50:.2} ms at p50 = exec floor {floor_p50:.2} ms + the agent's phases \
-         {sum:.2} ms ({}) + the rest {:.2} ms (plugin start-up beyond the floor, UDS + gRPC, \
-         scheduling between phases).",
-        if parts.is_empty() {
-            "each under 0.05 ms".to_owned()
+    let parts = if parts.is_empty() {
+        "each under 0.05 ms".to_owned()
+    } else {
+        parts.join(", ")
+    };
+    let head = format!(
+        "{what}: mean {total:.2} ms (p50 {:.2}) = exec floor {floor_mean:.2} ms",
+        if times.is_empty() {
+            f64::NAN
         } else {
-            parts.join(", ")
-        },
-        (total_p50 - floor_p50 - sum).max(0.0)
-    )
+            pct(times, 50)
+        }
+    );
+    match answer.and_then(|a| a.mean) {
+        Some(ans) => format!(
+            "{head} + the agent's answer {ans:.2} ms (its phases {sum:.2}: {parts}; between \
+             them {:.2}) + outside the answer {:.2} ms (the plugin's start-up beyond the floor, \
+             connect, HTTP/2 + gRPC framing, the wake-up of the agent's handler).",
+            ans - sum,
+            total - floor_mean - ans
+        ),
+        None => format!(
+            "{head} + the agent's phases {sum:.2} ms ({parts}) + the rest {:.2} ms (plugin \
+             start-up beyond the floor, UDS + gRPC, scheduling between phases).",
+            total - floor_mean - sum
+        ),
+    }
+}
+
+/// User + system CPU of process `pid` so far, ms (0 when it cannot be read).
+pub fn proc_cpu_ms(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the parenthesised comm: state is field 3, utime 14, stime 15.
+    let Some(rest) = stat.rsplit_once(')').map(|r| r.1) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) * 1000.0 / hz
+}
+
+/// The mean of `v`, in milliseconds (NaN when empty).
+pub fn mean(v: &[Duration]) -> f64 {
+    v.iter().map(Duration::as_secs_f64).sum::<f64>() * 1000.0 / v.len() as f64
 }
 
 /// "met" or "NOT met" for a figure against an upper bound.
@@ -298,11 +376,12 @@ mod tests {
     }
 
     #[test]
-    fn where_time_goes_names_the_phases_largest_first_and_the_rest() {
-        let row = |phase: &str, p50| PhaseRow {
+    fn where_time_goes_splits_the_mean_exactly() {
+        let row = |phase: &str, mean| PhaseRow {
             phase: phase.into(),
-            p50,
-            p99: p50,
+            p50: mean,
+            p99: mean,
+            mean,
             count: 10.0,
         };
         let rows = [
@@ -311,12 +390,40 @@ mod tests {
             row("status", Some(0.01)),
             row("lookup", None),
         ];
-        let s = where_time_goes("x", 2.0, 0.5, &rows);
+        let times = [Duration::from_millis(2), Duration::from_millis(2)];
+        let ans = row("answer", Some(1.21));
+        let s = where_time_goes("x", &times, 0.5, &rows, Some(&ans));
+        assert!(s.contains("mean 2.00 ms (p50 2.00)"), "{s}");
+        assert!(
+            s.contains(
+                "answer 1.21 ms (its phases 1.01: ztunnel 0.60, rules 0.40; between them 0.20)"
+            ),
+            "{s}"
+        );
+        assert!(s.contains("outside the answer 0.29 ms"), "{s}");
+        let s = where_time_goes("x", &times, 0.5, &rows, None);
         assert!(
             s.contains("phases 1.01 ms (ztunnel 0.60, rules 0.40)"),
             "{s}"
         );
         assert!(s.contains("the rest 0.49 ms"), "{s}");
+    }
+
+    #[test]
+    fn the_answer_histogram_gives_quantiles_and_an_exact_mean() {
+        let text = "# TYPE ambient_cni_plugin_add_duration_seconds histogram\n\
+            ambient_cni_plugin_add_duration_seconds_bucket{le=\"0.001\"} 1\n\
+            ambient_cni_plugin_add_duration_seconds_bucket{le=\"0.002\"} 4\n\
+            ambient_cni_plugin_add_duration_seconds_bucket{le=\"+Inf\"} 4\n\
+            ambient_cni_plugin_add_duration_seconds_sum 0.006\n\
+            ambient_cni_plugin_add_duration_seconds_count 4\n\
+            # EOF\n";
+        let a = answer(text).expect("answer histogram");
+        assert_eq!(a.count, 4.0);
+        assert!((a.mean.unwrap() - 1.5).abs() < 1e-9, "{a:?}");
+        let p50 = a.p50.unwrap();
+        assert!((p50 - 1.333_333).abs() < 1e-3, "{a:?}");
+        assert!(answer("# EOF\n").is_none());
     }
 
     #[test]

@@ -241,27 +241,25 @@ fn footprint(plugin: &Path) -> Result<String> {
     Ok(s)
 }
 
-/// The agent's stripped release binary before the demo, its metrics-text parser and its
-/// HTTP client moved out into the development crate (issue 14), measured then in MiB.
-const AGENT_MIB_WITH_DEMO: f64 = 17.98;
-
-/// The shipped agent's size: one line, beside its size when it still carried the demo.
-fn agent_size(root: &Path, agent: &Path) -> String {
-    let shown = agent.strip_prefix(root).unwrap_or(agent);
-    match std::fs::metadata(agent) {
-        Ok(m) => {
-            let mib = m.len() as f64 / (1u64 << 20) as f64;
-            format!(
-                "ambient-cni-agent (stripped release build, `{}`): {mib:.2} MiB; {AGENT_MIB_WITH_DEMO:.2} MiB \
-                 when it still carried the demo (issue 14), {:.2}x that.\n",
-                shown.display(),
-                mib / AGENT_MIB_WITH_DEMO
-            )
-        }
-        Err(e) => format!(
-            "ambient-cni-agent `{}`: not measured: {e}\n",
-            shown.display()
+/// The agent's size: the binary every bench ran, beside the workspace's glibc build of the
+/// same commit (the same binary when no musl build was made).
+fn agent_size(root: &Path, agent: &Path, glibc: &Path) -> String {
+    let shown = |p: &Path| p.strip_prefix(root).unwrap_or(p).display().to_string();
+    let mib = |p: &Path| std::fs::metadata(p).map(|m| m.len() as f64 / (1u64 << 20) as f64);
+    match (mib(agent), mib(glibc)) {
+        (Ok(a), Ok(g)) if agent != glibc => format!(
+            "ambient-cni-agent (stripped release build, `{}`, the one every bench below ran): \
+             {a:.2} MiB; the glibc build of the same commit (`{}`): {g:.2} MiB, {:.2}x that.\n",
+            shown(agent),
+            shown(glibc),
+            a / g
         ),
+        (Ok(a), _) => format!(
+            "ambient-cni-agent (stripped release build, `{}`, the one every bench below ran): \
+             {a:.2} MiB.\n",
+            shown(agent)
+        ),
+        (Err(e), _) => format!("ambient-cni-agent `{}`: not measured: {e}\n", shown(agent)),
     }
 }
 
@@ -476,10 +474,12 @@ fn main() -> Result<()> {
         }
     }
     doc.push('\n');
-    doc.push_str(&agent_size(
-        &root,
-        &target_dir(&root).join("release/ambient-cni-agent"),
-    ));
+    // The agent every bench ran (scripts/bench.sh: the shipped static musl build).
+    let agent = std::env::var_os("AMBIENT_CNI_AGENT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| target_dir(&root).join("release/ambient-cni-agent"));
+    let glibc = target_dir(&root).join("release/ambient-cni-agent");
+    doc.push_str(&agent_size(&root, &agent, &glibc));
     doc.push('\n');
     let _ = writeln!(doc, "## Image and pod start on a real kubelet node\n");
     let target = target_dir(&root);
