@@ -151,6 +151,15 @@ impl Table {
         self.lock().values().cloned().collect()
     }
 
+    /// Calls `f` with every held pod under the table's lock, copying nothing (for passes that
+    /// run on every change: a copy of the table each time costs O(pods) allocations per ADD).
+    /// `f` must not block.
+    pub fn for_each(&self, mut f: impl FnMut(&Held)) {
+        for h in self.lock().values() {
+            f(h);
+        }
+    }
+
     /// Number of held pods in each phase: (pending, enabled).
     pub fn counts(&self) -> (usize, usize) {
         let pods = self.lock();

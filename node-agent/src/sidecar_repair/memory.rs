@@ -49,10 +49,10 @@ impl Memory {
     }
 
     /// Forgets every pod not in `live` (deleted pods; a UID is never reused).
-    pub fn retain(&mut self, live: &HashSet<String>) {
-        self.done.retain(|u| live.contains(u));
-        self.order.retain(|u| live.contains(u));
-        self.attempts.retain(|u, _| live.contains(u));
+    pub fn retain(&mut self, live: &HashSet<&str>) {
+        self.done.retain(|u| live.contains(u.as_str()));
+        self.order.retain(|u| live.contains(u.as_str()));
+        self.attempts.retain(|u, _| live.contains(u.as_str()));
     }
 
     /// Number of UIDs remembered as done.
@@ -101,7 +101,7 @@ mod tests {
         assert!(!m.is_done("u0"));
         assert!(m.is_done(&format!("u{}", CAPACITY + 9)));
         let _ = m.failed("x");
-        let live: HashSet<String> = ["u20".to_string()].into_iter().collect();
+        let live: HashSet<&str> = ["u20"].into_iter().collect();
         m.retain(&live);
         assert_eq!(m.len(), 1);
         assert!(m.is_done("u20"));

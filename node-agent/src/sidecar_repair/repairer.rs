@@ -96,16 +96,16 @@ impl Repairer {
         all: &mut dyn Iterator<Item = &Pod>,
         namespaces: &HashMap<String, Labels>,
     ) -> Vec<(Pod, Labels)> {
+        // Runs on every cache change, under the cache's lock: borrows, copies only what it picks.
         let mut live = HashSet::new();
         let mut out = Vec::new();
         let mut memory = self.memory();
         for pod in all {
-            let uid = pods::pod_id(pod).uid;
-            if uid.is_empty() {
+            let Some(uid) = pod.metadata.uid.as_deref().filter(|u| !u.is_empty()) else {
                 continue;
-            }
-            live.insert(uid.clone());
-            if is_live(pod) && !memory.is_done(&uid) && is_broken(pod, &self.filter) {
+            };
+            live.insert(uid);
+            if is_live(pod) && !memory.is_done(uid) && is_broken(pod, &self.filter) {
                 let ns = pod.metadata.namespace.as_deref().unwrap_or_default();
                 out.push((pod.clone(), namespaces.get(ns).cloned().unwrap_or_default()));
             }

@@ -78,6 +78,8 @@ fn raise_open_files_limit() {
 struct Watch {
     netns: NsId,
     task: Option<JoinHandle<()>>,
+    /// The pass of [`follow`] that last found its pod held in this netns.
+    seen: u64,
 }
 
 impl Drop for Watch {
@@ -91,25 +93,30 @@ impl Drop for Watch {
 /// Keeps one watch per held pod with a known netns, in step with the table.
 async fn follow(enroller: Arc<Enroller>, metrics: Arc<VerifyMetrics>) {
     let mut watches: HashMap<String, Watch> = HashMap::new();
+    let mut pass = 0u64;
     loop {
-        let want: HashMap<String, (PodId, Arc<Netns>)> = enroller
-            .table
-            .all()
-            .into_iter()
-            .filter_map(|h| Some((h.id.uid.clone(), (h.id, h.netns?))))
-            .collect();
-        // Released, or moved to another netns: dropping the watch closes its sockets.
-        watches.retain(|uid, w| want.get(uid).is_some_and(|(_, ns)| ns.id() == w.netns));
-        for (uid, (pod, ns)) in want {
-            if watches.contains_key(&uid) {
-                continue;
+        // One pass per table change (several per ADD): marks the watches that stay and copies
+        // only the pods that need a new one, never the whole table.
+        pass += 1;
+        let mut new = Vec::new();
+        enroller.table.for_each(|h| {
+            let Some(ns) = &h.netns else {
+                return;
+            };
+            match watches.get_mut(&h.id.uid) {
+                Some(w) if w.netns == ns.id() => w.seen = pass,
+                _ => new.push((h.id.clone(), ns.clone())),
             }
+        });
+        // Released, or moved to another netns: dropping the watch closes its sockets.
+        watches.retain(|_, w| w.seen == pass);
+        for (pod, ns) in new {
             let task = match open(&ns).await {
                 Ok(socks) => {
                     debug!(pod = %pod, netns = %ns.id(), "watching for drift notifications");
                     Some(tokio::spawn(watch_pod(
                         socks,
-                        pod,
+                        pod.clone(),
                         enroller.clone(),
                         metrics.clone(),
                     )))
@@ -121,10 +128,11 @@ async fn follow(enroller: Arc<Enroller>, metrics: Arc<VerifyMetrics>) {
                 }
             };
             watches.insert(
-                uid,
+                pod.uid,
                 Watch {
                     netns: ns.id(),
                     task,
+                    seen: pass,
                 },
             );
         }
