@@ -10,7 +10,10 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$PWD/target}"
 # The plugin and the agent as shipped (the image's static musl builds; skipped with a note
 # when the target is missing). The benches exec the agent named by AMBIENT_CNI_AGENT.
 if rustup target list --installed 2>/dev/null | grep -q x86_64-unknown-linux-musl; then
-    cargo build --release -p ambient-cni -p ambient-cni-agent --target x86_64-unknown-linux-musl
+    # One package per build, as scripts/image.sh does: built together, the plugin would get the
+    # agent's dependency features (cargo unifies them) and grow.
+    cargo build --release -p ambient-cni-agent --target x86_64-unknown-linux-musl
+    cargo build --release -p ambient-cni --target x86_64-unknown-linux-musl
     export AMBIENT_CNI_AGENT="${AMBIENT_CNI_AGENT:-$CARGO_TARGET_DIR/x86_64-unknown-linux-musl/release/ambient-cni-agent}"
 else
     echo "bench: x86_64-unknown-linux-musl not installed; measuring the glibc plugin and agent builds" >&2

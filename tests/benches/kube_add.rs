@@ -849,8 +849,8 @@ fn main() {
              `plugin_add`), this path's floor is {:.2} ms over /bin/true with stock ztunnel on \
              this kernel. Outside the agent's answer (means above) lie {:.2} ms ({:.2} ms \
              with the stand-in, {:.2} ms with the API server, etcd and controller manager at \
-             SCHED_IDLE), where the plugin's round trip costs about 0.2 ms and a local-source ADD about 0.4 ms (`agent_enroll`). On \
-             the kube source the agent also writes each pod's status and takes the watch event \
+             SCHED_IDLE), where the plugin's round trip costs about 0.2 ms; `agent_enroll` shows \
+             the same split for the local source. On the kube source the agent also writes each pod's status and takes the watch event \
              that echoes it back: its CPU per ADD is {:.2} ms here (`agent_enroll` prints the \
              local source's). Those writes start 10 ms after their ADD (started at once, they \
              added about 0.9 ms to it); in back-to-back ADDs they land beside a later one. The \
