@@ -4,6 +4,8 @@
 //! the read-only verification names exactly what drifted, writes nothing, and that the ADD apply
 //! repairs it.
 
+mod common;
+
 use std::net::IpAddr;
 use std::os::fd::OwnedFd;
 use std::process::Command;
@@ -16,19 +18,6 @@ use iptables_rules::model::Family;
 use iptables_rules::netns::Netns;
 use iptables_rules::nft::host::NftHostProbe;
 use iptables_rules::{HostProbeConfig, InpodConfig, Redirector};
-
-/// True if we may run; false (after a message) to skip. Under `CI` a non-root run fails.
-fn root_or_skip() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "drift tests need root (CI is set)"
-    );
-    eprintln!("skipping: drift tests need root");
-    false
-}
 
 /// A fresh netns with `lo` up, held by its fd (gone when the test drops it; no name to clean up).
 fn fresh_netns(tag: &str) -> Netns {
@@ -127,7 +116,7 @@ fn case(kind: BackendKind, name: &str, tamper: &[&[&str]], want: &[DriftKind]) -
 
 #[test]
 fn nft_flushed_or_deleted_table_is_drift_and_apply_repairs() {
-    if !root_or_skip() {
+    if !common::root_or_skip("drift") {
         return;
     }
     let d = case(
@@ -152,7 +141,7 @@ fn nft_flushed_or_deleted_table_is_drift_and_apply_repairs() {
 
 #[test]
 fn nft_rule_replaced_by_another_is_a_change() {
-    if !root_or_skip() {
+    if !common::root_or_skip("drift") {
         return;
     }
     let Some(r) = redirector(BackendKind::Nftables) else {
@@ -210,7 +199,7 @@ fn nft_rule_replaced_by_another_is_a_change() {
 
 #[test]
 fn deleted_policy_route_and_fwmark_rule_are_drift() {
-    if !root_or_skip() {
+    if !common::root_or_skip("drift") {
         return;
     }
     for kind in BackendKind::ALL {
@@ -254,7 +243,7 @@ fn deleted_policy_route_and_fwmark_rule_are_drift() {
 
 #[test]
 fn iptables_flushed_or_replaced_rules_are_drift() {
-    if !root_or_skip() {
+    if !common::root_or_skip("drift") {
         return;
     }
     // The flavour `make` picks (iptables-nft here) and its binary for tampering.
@@ -285,7 +274,7 @@ fn iptables_flushed_or_replaced_rules_are_drift() {
 
 #[test]
 fn removed_probe_set_element_is_found_and_restored() {
-    if !root_or_skip() {
+    if !common::root_or_skip("drift") {
         return;
     }
     let ns = fresh_netns("probe");

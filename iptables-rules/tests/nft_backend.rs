@@ -2,41 +2,14 @@
 //! (`nft list ruleset`) exactly as the golden does; apply is idempotent and atomic; remove
 //! leaves nothing. Each case runs in fresh network namespaces made with `unshare` on a thread.
 
-use std::net::Ipv6Addr;
+mod common;
+
 use std::process::Command;
 
 use iptables_rules::backend::nftables::NftablesBackend;
 use iptables_rules::backend::{make, BackendKind, RulesBackend};
 use iptables_rules::nft::{Batch, Expr, NftError, NftSocket};
 use iptables_rules::{inpod_ruleset, InpodConfig};
-
-/// The v6 SNAT address Istio's in-pod goldens use.
-const TEST_SNAT_V6: Ipv6Addr = Ipv6Addr::new(
-    0xe9ac, 0x1e77, 0x90ca, 0x399f, 0x4d6d, 0xece2, 0x2f9b, 0x3164,
-);
-
-/// True if we may run; false (after a message) to skip. Under `CI` a non-root run fails.
-fn root_or_skip() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "nft backend tests need root (CI is set)"
-    );
-    eprintln!("skipping: nft backend tests need root");
-    false
-}
-
-/// Runs `f` on a thread inside a new, empty network namespace.
-fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        f()
-    })
-    .join()
-    .expect("netns thread panicked")
-}
 
 /// `nft list ruleset` of the calling thread's netns, counters normalized.
 fn list_ruleset() -> String {
@@ -95,8 +68,7 @@ fn normalize(s: &str) -> String {
         .join("\n")
 }
 
-mod goldens_dir;
-use goldens_dir::{goldens, have_goldens};
+use common::{goldens, have_goldens};
 
 /// One of Istio's nftables goldens.
 fn golden_path(name: &str) -> std::path::PathBuf {
@@ -112,7 +84,7 @@ fn golden_listing(name: &str) -> String {
 fn golden_listing_and_bytecode(name: &str) -> (String, String) {
     let path = golden_path(name);
     assert!(path.exists(), "golden {} missing", path.display());
-    in_fresh_netns(move || {
+    common::in_fresh_netns(move || {
         let out = Command::new("nft")
             .arg("-f")
             .arg(&path)
@@ -130,7 +102,7 @@ fn golden_listing_and_bytecode(name: &str) -> (String, String) {
 
 /// What our backend lists back (text and bytecode) in a fresh netns after applying `cfg`.
 fn our_listing_and_bytecode(cfg: InpodConfig) -> (String, String) {
-    in_fresh_netns(move || {
+    common::in_fresh_netns(move || {
         NftablesBackend.apply(&cfg).expect("apply");
         (list_ruleset(), list_bytecode())
     })
@@ -195,7 +167,7 @@ fn variants() -> Vec<(&'static str, InpodConfig)> {
                 name,
                 InpodConfig {
                     ipv6: true,
-                    probe_snat_v6: TEST_SNAT_V6,
+                    probe_snat_v6: common::test_snat_v6(),
                     ..c.clone()
                 },
             )
@@ -210,7 +182,7 @@ fn every_golden_variant_lists_back_identically() {
     if !have_goldens("every_golden_variant_lists_back_identically") {
         return;
     }
-    if !root_or_skip() {
+    if !common::root_or_skip("nft_backend") {
         return;
     }
     let mut failures = Vec::new();
@@ -249,12 +221,12 @@ fn apply_twice_keeps_one_copy_and_reconfigures() {
     if !have_goldens("apply_twice_keeps_one_copy_and_reconfigures") {
         return;
     }
-    if !root_or_skip() {
+    if !common::root_or_skip("nft_backend") {
         return;
     }
     let want_default = golden_listing("default");
     let want_dns_off = golden_listing("dns_pod_disabled_and_on_globally");
-    let (twice, switched, installed_ok, installed_stale) = in_fresh_netns(|| {
+    let (twice, switched, installed_ok, installed_stale) = common::in_fresh_netns(|| {
         let b = NftablesBackend;
         let dflt = InpodConfig::default();
         b.apply(&dflt).expect("apply 1");
@@ -281,10 +253,10 @@ fn apply_twice_keeps_one_copy_and_reconfigures() {
 
 #[test]
 fn remove_leaves_an_empty_ruleset_and_tolerates_absence() {
-    if !root_or_skip() {
+    if !common::root_or_skip("nft_backend") {
         return;
     }
-    let (after_remove, after_second, installed) = in_fresh_netns(|| {
+    let (after_remove, after_second, installed) = common::in_fresh_netns(|| {
         let b = NftablesBackend;
         let cfg = InpodConfig {
             ipv6: true,
@@ -309,10 +281,10 @@ fn remove_leaves_an_empty_ruleset_and_tolerates_absence() {
 
 #[test]
 fn remove_keeps_foreign_tables() {
-    if !root_or_skip() {
+    if !common::root_or_skip("nft_backend") {
         return;
     }
-    let listing = in_fresh_netns(|| {
+    let listing = common::in_fresh_netns(|| {
         let out = Command::new("nft")
             .args(["add", "table", "inet", "someone-else"])
             .output()
@@ -331,11 +303,11 @@ fn failing_transaction_keeps_previous_state_and_names_the_object() {
     if !have_goldens("failing_transaction_keeps_previous_state_and_names_the_object") {
         return;
     }
-    if !root_or_skip() {
+    if !common::root_or_skip("nft_backend") {
         return;
     }
     let want = golden_listing("default");
-    let (err, listing) = in_fresh_netns(|| {
+    let (err, listing) = common::in_fresh_netns(|| {
         let b = NftablesBackend;
         b.apply(&InpodConfig::default()).expect("apply");
         // The full re-apply (flush included) plus one rule jumping to a chain that does not exist.
@@ -372,10 +344,10 @@ fn failing_transaction_keeps_previous_state_and_names_the_object() {
 
 #[test]
 fn invalid_config_is_rejected_before_touching_the_kernel() {
-    if !root_or_skip() {
+    if !common::root_or_skip("nft_backend") {
         return;
     }
-    let (res, listing) = in_fresh_netns(|| {
+    let (res, listing) = common::in_fresh_netns(|| {
         let cfg = InpodConfig {
             virtual_interfaces: vec!["this-name-is-too-long-for-linux".into()],
             ..InpodConfig::default()

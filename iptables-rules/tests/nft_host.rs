@@ -2,6 +2,8 @@
 //! back identically, set elements carry the pod UID as their comment, upsert replaces by IP,
 //! removal works by UID, and re-applying the rules keeps the sets' elements.
 
+mod common;
+
 use std::net::{IpAddr, Ipv6Addr};
 use std::process::Command;
 
@@ -16,27 +18,6 @@ const SETS_PRELUDE: &str = "add table inet istio-ambient-nat
 add set inet istio-ambient-nat istio-inpod-probes-v4 { type ipv4_addr ; }
 add set inet istio-ambient-nat istio-inpod-probes-v6 { type ipv6_addr ; }
 ";
-
-fn root_or_skip() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "nft host tests need root (CI is set)"
-    );
-    eprintln!("skipping: nft host tests need root");
-    false
-}
-
-fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        f()
-    })
-    .join()
-    .expect("netns thread panicked")
-}
 
 fn nft_stdin(text: &str) {
     use std::io::Write;
@@ -84,8 +65,7 @@ fn list_ruleset() -> String {
         .join("\n")
 }
 
-mod goldens_dir;
-use goldens_dir::{goldens, have_goldens};
+use common::{goldens, have_goldens};
 
 /// One of Istio's nftables goldens.
 fn golden_path(name: &str) -> std::path::PathBuf {
@@ -106,17 +86,17 @@ fn hostprobe_goldens_list_back_identically() {
     if !have_goldens("hostprobe_goldens_list_back_identically") {
         return;
     }
-    if !root_or_skip() {
+    if !common::root_or_skip("nft_host") {
         return;
     }
     for (name, ipv6) in [("hostprobe", false), ("hostprobe_ipv6", true)] {
         let golden = std::fs::read_to_string(golden_path(name)).expect("golden");
-        let want = in_fresh_netns(move || {
+        let want = common::in_fresh_netns(move || {
             nft_stdin(SETS_PRELUDE);
             nft_stdin(&golden);
             list_ruleset()
         });
-        let got = in_fresh_netns(move || {
+        let got = common::in_fresh_netns(move || {
             NftHostProbe.apply(&cfg(ipv6)).expect("apply");
             list_ruleset()
         });
@@ -127,10 +107,10 @@ fn hostprobe_goldens_list_back_identically() {
 
 #[test]
 fn elements_carry_the_uid_like_nft_writes_them() {
-    if !root_or_skip() {
+    if !common::root_or_skip("nft_host") {
         return;
     }
-    let want = in_fresh_netns(|| {
+    let want = common::in_fresh_netns(|| {
         nft_stdin(SETS_PRELUDE);
         nft_stdin(
             "add element inet istio-ambient-nat istio-inpod-probes-v4 { 10.0.0.1 comment \"uid-a\" }\n\
@@ -138,7 +118,7 @@ fn elements_carry_the_uid_like_nft_writes_them() {
         );
         list_ruleset()
     });
-    let got = in_fresh_netns(|| {
+    let got = common::in_fresh_netns(|| {
         let h = NftHostProbe;
         // Sets only (no rules): same objects as the prelude.
         h.apply(&cfg(true)).expect("apply");
@@ -160,11 +140,11 @@ fn elements_carry_the_uid_like_nft_writes_them() {
 
 #[test]
 fn upsert_replaces_by_ip_and_removal_is_by_uid() {
-    if !root_or_skip() {
+    if !common::root_or_skip("nft_host") {
         return;
     }
     let (after_upserts, after_reapply, removed, after_remove, pruned, after_prune, listing) =
-        in_fresh_netns(|| {
+        common::in_fresh_netns(|| {
             let h = NftHostProbe;
             h.apply(&cfg(true)).expect("apply");
             let ip1: IpAddr = "10.0.0.1".parse().unwrap();
@@ -236,10 +216,10 @@ fn host_rules_need_the_kubelet_uid() {
 
 #[test]
 fn bulk_upsert_of_many_pods_in_one_transaction() {
-    if !root_or_skip() {
+    if !common::root_or_skip("nft_host") {
         return;
     }
-    let n = in_fresh_netns(|| {
+    let n = common::in_fresh_netns(|| {
         let h = NftHostProbe;
         h.apply(&cfg(true)).expect("apply");
         // 1500 IPs -> 4500 objects in one transaction: every ACK must fit the receive buffer.

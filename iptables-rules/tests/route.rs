@@ -1,41 +1,16 @@
 //! The policy route on its blocking netlink socket (root): install is idempotent, removal
 //! takes exactly what install added, and both run in one fresh netns per test thread.
 
+mod common;
+
 use iptables_rules::route::{self, RouteState};
-
-fn root_or_skip() -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var_os("CI").is_none(),
-        "route tests need root (CI is set)"
-    );
-    eprintln!("skipping: route tests need root");
-    false
-}
-
-fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-        // As in a pod: `lo` up (an IPv6 local route needs it).
-        let up = std::process::Command::new("ip")
-            .args(["link", "set", "lo", "up"])
-            .status()
-            .expect("exec ip");
-        assert!(up.success(), "ip link set lo up");
-        f()
-    })
-    .join()
-    .expect("netns thread panicked")
-}
 
 #[test]
 fn install_twice_then_remove_twice() {
-    if !root_or_skip() {
+    if !common::root_or_skip("route") {
         return;
     }
-    in_fresh_netns(|| {
+    common::in_fresh_netns(|| {
         assert!(route::state().unwrap().is_empty());
         for ipv6 in [false, true] {
             route::install(ipv6).unwrap();
@@ -59,10 +34,10 @@ fn install_twice_then_remove_twice() {
 #[test]
 fn tproxy_route_without_a_preference_never_stacks_rules() {
     use iptables_rules::sidecar::route as tproxy;
-    if !root_or_skip() {
+    if !common::root_or_skip("route") {
         return;
     }
-    in_fresh_netns(|| {
+    common::in_fresh_netns(|| {
         let rules = || {
             let out = std::process::Command::new("ip")
                 .args(["-4", "rule", "list"])

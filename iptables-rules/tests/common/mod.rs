@@ -104,6 +104,18 @@ pub fn root_or_skip(test: &str) -> bool {
     false
 }
 
+/// Runs `f` on a thread inside a new network namespace with `lo` up, as in a pod (an IPv6
+/// local route needs it); the netns goes away with the thread, nothing to clean up.
+pub fn in_fresh_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        sh(&["ip", "link", "set", "lo", "up"]);
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
 /// A named netns (`ip netns add`), deleted on drop.
 pub struct NamedNetns {
     /// The name.
