@@ -826,20 +826,16 @@ fn main() {
             )
         );
     }
-    let phase = |o: &Ours, name: &str| {
+    // A phase's p50 or p99 in ms (NaN when the agent did not report it).
+    let phase_at = |o: &Ours, name: &str, q: fn(&PhaseRow) -> Option<f64>| {
         o.rows
             .iter()
             .find(|r| r.phase == name)
-            .and_then(|r| r.p50)
+            .and_then(q)
             .unwrap_or(f64::NAN)
     };
-    let phase99 = |o: &Ours, name: &str| {
-        o.rows
-            .iter()
-            .find(|r| r.phase == name)
-            .and_then(|r| r.p99)
-            .unwrap_or(f64::NAN)
-    };
+    let phase = |o: &Ours, name: &str| phase_at(o, name, |r| r.p50);
+    let phase99 = |o: &Ours, name: &str| phase_at(o, name, |r| r.p99);
     // The mean time outside the agent's answer (NaN without the answer histogram).
     let outside = |o: &Ours| {
         mean(&o.times) - tmean - o.answer.as_ref().and_then(|a| a.mean).unwrap_or(f64::NAN)

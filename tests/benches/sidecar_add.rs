@@ -10,22 +10,11 @@ use ambient_cni_tests::bench::{add_in, harness_rows, pct, plugin_conf, pods_from
 use ambient_cni_tests::*;
 use serde_json::{json, Value};
 
-/// A pod as Istio's injector leaves it with the CNI on (its plugin test pod).
+/// An injected pod of namespace `shop` with its UID.
 fn injected(name: &str, uid: &str) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"namespace": "shop", "name": name, "uid": uid,
-                     "annotations": {"sidecar.istio.io/status": "true"}},
-        "spec": {
-            "nodeName": "test-node",
-            "initContainers": [{"name": "istio-validation", "image": "proxyv2"}],
-            "containers": [
-                {"name": "app", "image": "app"},
-                {"name": "istio-proxy", "image": "proxyv2", "args": ["proxy", "sidecar"]}
-            ]
-        },
-        "status": {"phase": "Pending"}
-    })
+    let mut p = injected_pod("shop", name);
+    p["metadata"]["uid"] = uid.into();
+    p
 }
 
 /// `n` ADDs of sidecar pods and `n` of ambient pods (interleaved, so load hits both alike)

@@ -567,6 +567,26 @@ pub fn write_pod(
     stem
 }
 
+/// A pod as Istio's injector leaves it with the CNI on (Istio's plugin test pod), on
+/// `test-node`, not started: the status annotation, `istio-validation`, an app and
+/// `istio-proxy` (`proxy sidecar`).
+pub fn injected_pod(namespace: &str, name: &str) -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": namespace, "name": name,
+                     "annotations": {"sidecar.istio.io/status": "true"}},
+        "spec": {
+            "nodeName": "test-node",
+            "initContainers": [{"name": "istio-validation", "image": "proxyv2"}],
+            "containers": [
+                {"name": "app", "image": "app"},
+                {"name": "istio-proxy", "image": "proxyv2", "args": ["proxy", "sidecar"]}
+            ]
+        },
+        "status": {"phase": "Pending"}
+    })
+}
+
 /// Writes any Pod object (e.g. a sidecar-injected one) into a local pod source directory;
 /// returns its file stem.
 pub fn write_pod_object(pods_dir: &Path, pod: &Value) -> String {

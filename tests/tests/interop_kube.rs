@@ -1506,6 +1506,15 @@ fn sigterm_keeps_the_plugin_while_our_daemonset_exists_and_removes_it_on_uninsta
     );
 }
 
+/// [`injected_pod`] on `node`, run as the workload service account without its token.
+fn injected_here(namespace: &str, name: &str, node: &str) -> serde_json::Value {
+    let mut p = injected_pod(namespace, name);
+    p["spec"]["nodeName"] = node.into();
+    p["spec"]["serviceAccountName"] = WORKLOAD_SA.into();
+    p["spec"]["automountServiceAccountToken"] = false.into();
+    p
+}
+
 /// Sidecar mode (issue 20): a sidecar-injected pod whose annotation Istio would refuse fails
 /// its ADD with a CNI error naming the key, and the agent records a Warning Event on the pod
 /// (what `kubectl describe pod` shows), nothing installed.
@@ -1523,16 +1532,9 @@ fn sidecar_pod_with_a_bad_annotation_fails_its_add_and_gets_a_warning_event() {
     let dir = TempDir::new("acni-iksc");
     let agent = AgentProcess::start_kube(&dir.0, &kc, &node, &["--rules-backend", "iptables"]);
     let key = "traffic.sidecar.istio.io/includeInboundPorts";
-    let p: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "reviews",
-                     "annotations": {"sidecar.istio.io/status": "true", key: "80,x"}},
-        "spec": {"nodeName": node, "serviceAccountName": WORKLOAD_SA,
-            "automountServiceAccountToken": false,
-            "initContainers": [{"name": "istio-validation", "image": "proxyv2"}],
-            "containers": [{"name": "app", "image": "app"},
-                           {"name": "istio-proxy", "image": "proxyv2", "args": ["proxy", "sidecar"]}]},
-    }))
-    .expect("pod");
+    let mut p = injected_here(&shop, "reviews", &node);
+    p["metadata"]["annotations"][key] = "80,x".into();
+    let p: Pod = serde_json::from_value(p).expect("pod");
     let api: Api<Pod> = Api::namespaced(c.admin.clone(), &shop);
     let uid =
         c.rt.block_on(api.create(&PostParams::default(), &p))
@@ -1590,15 +1592,7 @@ fn sidecar_repair_label_and_delete_modes_act_on_a_broken_pod() {
     let api: Api<Pod> = Api::namespaced(c.admin.clone(), &shop);
     // A sidecar pod of this node whose validation init container failed with Istio's code.
     let broken = |name: &str| {
-        let p: Pod = serde_json::from_value(json!({
-            "metadata": {"name": name, "annotations": {"sidecar.istio.io/status": "true"}},
-            "spec": {"nodeName": node, "serviceAccountName": WORKLOAD_SA,
-                "automountServiceAccountToken": false,
-                "initContainers": [{"name": "istio-validation", "image": "proxyv2"}],
-                "containers": [{"name": "app", "image": "app"},
-                               {"name": "istio-proxy", "image": "proxyv2", "args": ["proxy", "sidecar"]}]},
-        }))
-        .expect("pod");
+        let p: Pod = serde_json::from_value(injected_here(&shop, name, &node)).expect("pod");
         c.rt.block_on(api.create(&PostParams::default(), &p))
             .expect("create pod");
         let status = json!({"status": {"phase": "Pending", "initContainerStatuses": [{

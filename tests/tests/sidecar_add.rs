@@ -88,25 +88,6 @@ impl Node {
     }
 }
 
-/// A pod as Istio's injector leaves it with the CNI on (Istio's plugin test pod):
-/// the status annotation, `istio-validation`, `istio-proxy` (`proxy sidecar`), an app.
-fn injected(namespace: &str, name: &str) -> Value {
-    json!({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"namespace": namespace, "name": name,
-                     "annotations": {"sidecar.istio.io/status": "true"}},
-        "spec": {
-            "nodeName": "test-node",
-            "initContainers": [{"name": "istio-validation", "image": "proxyv2"}],
-            "containers": [
-                {"name": "test", "image": "app"},
-                {"name": "istio-proxy", "image": "proxyv2", "args": ["proxy", "sidecar"]}
-            ]
-        },
-        "status": {"phase": "Pending"}
-    })
-}
-
 /// `iptables-save` of a netns, counters and comments dropped.
 fn saved(ns: &NamedNetns) -> String {
     let out = ns.exec(&["iptables-save"]);
@@ -204,7 +185,7 @@ fn sidecar_and_ambient_pods_side_by_side_each_get_their_own_capture_nftables() {
 
 fn side_by_side(backend: &str, subnet: u8) {
     let node = Node::new(backend, subnet);
-    let (side, side_att, res) = node.add(injected("mesh", "reviews"));
+    let (side, side_att, res) = node.add(injected_pod("mesh", "reviews"));
     let results = res
         .unwrap_or_else(|(i, e)| panic!("ADD plugin {i}: {e:?}\nagent: {}", node.agent.log_text()));
     assert_eq!(results[1], results[0], "output is the prevResult");
@@ -213,7 +194,7 @@ fn side_by_side(backend: &str, subnet: u8) {
     let side_uid = side_att.args.rsplit("K8S_POD_UID=").next().unwrap();
 
     // An ambient pod beside it: ambient capture only, and ztunnel gets it.
-    let mut app = injected("mesh", "ratings");
+    let mut app = injected_pod("mesh", "ratings");
     app["metadata"]["annotations"] = json!({});
     let (amb, amb_att, res) = node.add(app);
     res.unwrap_or_else(|(i, e)| panic!("ADD plugin {i}: {e:?}\n{}", node.agent.log_text()));
@@ -257,13 +238,13 @@ fn pods_that_are_not_sidecars_to_serve_pass_through_untouched() {
         return;
     }
     let node = Node::new("iptables", 2);
-    let mut inject_off = injected("shop", "inject-off");
+    let mut inject_off = injected_pod("shop", "inject-off");
     inject_off["metadata"]["labels"] = json!({"sidecar.istio.io/inject": "false"});
-    let mut gateway = injected("shop", "gateway");
+    let mut gateway = injected_pod("shop", "gateway");
     gateway["spec"]["containers"][1]["args"] = json!(["proxy", "router"]);
-    let mut istio_init = injected("shop", "istio-init");
+    let mut istio_init = injected_pod("shop", "istio-init");
     istio_init["spec"]["initContainers"] = json!([{"name": "istio-init", "image": "proxyv2"}]);
-    let mut no_envoy = injected("shop", "no-envoy");
+    let mut no_envoy = injected_pod("shop", "no-envoy");
     no_envoy["spec"]["containers"][1]["env"] = json!([{"name": "DISABLE_ENVOY", "value": "true"}]);
     for pod in [inject_off, gateway, istio_init, no_envoy] {
         let name = pod["metadata"]["name"].clone();
@@ -285,7 +266,7 @@ fn a_bad_annotation_fails_the_add_naming_the_key_and_installs_nothing() {
     }
     let node = Node::new("iptables", 3);
     let key = "traffic.sidecar.istio.io/excludeOutboundPorts";
-    let mut pod = injected("shop", "bad-ports");
+    let mut pod = injected_pod("shop", "bad-ports");
     pod["metadata"]["annotations"][key] = json!("80,http");
     let (ns, _att, res) = node.add(pod);
     let (i, exec) = res.expect_err("ADD must fail");
